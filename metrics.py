@@ -9,7 +9,6 @@ and writes the matched pairs for draw_pics.py.
         --eval_epoch 5 --eval_step 12
 """
 import argparse
-import math
 import os
 import re
 import warnings
@@ -96,10 +95,13 @@ def match_by_ssim(ssim, method="greedy"):
 # PSNR / LPIPS
 
 
+PSNR_MSE_FLOOR = 1e-10  # identical images: PSNR capped at 100 dB (peak 1), so metrics.json stays JSON
+
+
 def psnr_per_pair(a, b, peak=1.0):
-    """Per-image MSE and PSNR (inf when identical) of two K×C×H×W tensors."""
+    """Per-image MSE and PSNR of two K×C×H×W tensors (capped at 100 dB for identical images)."""
     mse = F.mse_loss(a.double(), b.double(), reduction="none").flatten(1).mean(1)
-    return mse, 10 * torch.log10(peak ** 2 / mse)
+    return mse, 10 * torch.log10(peak ** 2 / mse.clamp_min(PSNR_MSE_FLOOR))
 
 
 def load_lpips(device):
@@ -166,16 +168,29 @@ def add_metrics_args(parser):
     return parser
 
 
-def _snapshot_sort_key(name):
-    return [int(n) for n in re.findall(r"\d+", name)]
+def list_snapshots(recons_dir, pattern=r"(\d+|x)_\d+\.pth"):
+    """Snapshot stems in the folder, oldest first (numeric order of epoch and step)."""
+    if not os.path.isdir(recons_dir):
+        raise UserError(f"reconstruction folder {recons_dir} not found; run recons.py with the same"
+                        f" flags first, or pass --recons_dir / --snapshot")
+    stems = [f[:-4] for f in os.listdir(recons_dir) if re.fullmatch(pattern, f)]
+    return sorted(stems, key=lambda stem: [int(n) for n in re.findall(r"\d+", stem)])
 
 
 def snapshot_path_from_args(args):
-    """(reconstruction folder, snapshot file) named by the flags; the file need not exist."""
-    if args.snapshot:
+    """(reconstruction folder, snapshot file) named by the flags; the file need not exist.
+
+    --snapshot last = the newest snapshot of the run the flags name (what the Makefile's demo uses).
+    """
+    if args.snapshot and args.snapshot != "last":
         return args.recons_dir or os.path.dirname(os.path.abspath(args.snapshot)), args.snapshot
     recons_dir = recons_dir_from_args(args, method=METHOD_OF_LINEAR[args.linear])
     prefix = str(args.eval_epoch) if args.linear == 0 else "x"  # paper code's file names
+    if args.snapshot == "last":
+        stems = list_snapshots(recons_dir, r"\d+_\d+\.pth" if args.linear == 0 else r"x_\d+\.pth")
+        if not stems:
+            raise UserError(f"no snapshots in {recons_dir}; run recons.py with the same flags first")
+        return recons_dir, os.path.join(recons_dir, stems[-1] + ".pth")
     return recons_dir, os.path.join(recons_dir, f"{prefix}_{args.eval_step * 100}.pth")
 
 
@@ -188,12 +203,7 @@ def metrics_dir_from_args(args):
 def check_snapshot_exists(recons_dir, snapshot):
     if os.path.isfile(snapshot):
         return
-    if not os.path.isdir(recons_dir):
-        raise UserError(f"reconstruction folder {recons_dir} not found; run recons.py with the same"
-                        f" flags first, or pass --recons_dir / --snapshot")
-    pattern = r"(\d+|x)_\d+\.pth"
-    available = sorted((f[:-4] for f in os.listdir(recons_dir) if re.fullmatch(pattern, f)),
-                       key=_snapshot_sort_key)
+    available = list_snapshots(recons_dir)
     raise UserError(f"snapshot {snapshot} not found; available: {', '.join(available) or 'none'};"
                     f" pick --eval_epoch/--eval_step from those (step = file's number / 100)"
                     f" or pass --snapshot")
@@ -278,7 +288,7 @@ def main(args):
         "snapshot": snapshot_path,
         "n_train": n_train,
         "n_recons": len(recons),
-        f"share_ssim_ge_{SSIM_GOOD}": float((matched_ssim >= SSIM_GOOD).sum() / n_train),
+        f"share_ssim_ge_{SSIM_GOOD}": int((matched_ssim >= SSIM_GOOD).sum()) / n_train,
         "mse": float(mse_px.mean()),
         "psnr": float(psnr_px.mean()),
         "mse_normalised_paper": float(mse_norm.mean()),

@@ -54,6 +54,11 @@ def parse_args(argv=None):
                    help="a simulated gradient with norm above this is rescaled to --clip_to ...")
     g.add_argument("--clip_to", default=5.0, type=float)
     g.add_argument("--clip_epochs", default=5, type=int, help="... during the first N outer epochs")
+    g.add_argument("--backprop", default="recompute", choices=["recompute", "unrolled"],
+                   help="recompute: memory-flat reverse pass, one simulated step's graph at a time;"
+                        " unrolled: the paper's, the whole simulated graph in memory (reference)")
+    g.add_argument("--keep_every", default=0, type=int,
+                   help="recompute: keep theta_t every k steps (0 = all while they fit in 512 MB, else ~sqrt(T))")
     g.add_argument("--resume", action="store_true", help="continue from the last snapshot of the run")
     g.add_argument("--max_iterations", default=0, type=int,
                    help="stop (resumably) after this many iterations in total; 0 = run to the end")
@@ -112,14 +117,98 @@ def simulate_training(model, theta0, buffers, batches, epochs, sgd, create_graph
     for _ in range(epochs):
         for x, y in batches:
             grads = loss_gradient(model, params, buffers, x, y, sgd.clip_norm, sgd.clip_to, create_graph)
-            if sgd.weight_decay:
-                grads = [g + sgd.weight_decay * p for g, p in zip(grads, params.values())]
-            if sgd.momentum:  # torch.optim.SGD: buf = momentum * buf + grad (buf = grad at the first step)
-                velocity = grads if velocity is None else [sgd.momentum * v + g for v, g in zip(velocity, grads)]
-                grads = velocity
-            params = {k: p - sgd.lr * g for (k, p), g in zip(params.items(), grads)}
-            displacement = {k: d + sgd.lr * g for (k, d), g in zip(displacement.items(), grads)}
+            direction = _direction(grads, list(params.values()), velocity, sgd)
+            velocity = direction if sgd.momentum else None
+            params = {k: p - sgd.lr * d for (k, p), d in zip(params.items(), direction)}
+            displacement = {k: s + sgd.lr * d for (k, s), d in zip(displacement.items(), direction)}
     return params, displacement, buffers
+
+
+def sgd_step(model, params, velocity, buffers, x, y, sgd):
+    """One SGD step without a graph: returns (params, velocity, update) with update = lr * direction."""
+    p_list = [p.detach().requires_grad_(True) for p in params]
+    grads = loss_gradient(model, dict(zip(_names(model), p_list)), buffers, x, y, sgd.clip_norm, sgd.clip_to,
+                          create_graph=False)
+    direction = _direction(grads, params, velocity, sgd)
+    new_velocity = direction if sgd.momentum else None
+    return [p - sgd.lr * d for p, d in zip(params, direction)], new_velocity, [sgd.lr * d for d in direction]
+
+
+def _names(model):
+    return [n for n, _ in model.named_parameters()]
+
+
+def _direction(grads, params, velocity, sgd):
+    """torch.optim.SGD's update direction from the (clipped) loss gradient: weight decay, then
+    momentum buf = momentum * buf + grad (buf = grad at the first step), no dampening or Nesterov."""
+    if sgd.weight_decay:
+        grads = [g + sgd.weight_decay * p for g, p in zip(grads, params)]
+    if sgd.momentum and velocity is not None:
+        grads = [sgd.momentum * v + g for v, g in zip(velocity, grads)]
+    return grads
+
+
+def simulate_training_recompute(model, theta0, buffers, batches, epochs, sgd, loss_of_change, keep_every=1):
+    """Memory-flat gradient of loss_of_change(theta0 - theta_hat_final) w.r.t. the batch images.
+
+    Forward: the simulation without a graph, keeping theta_t (and the velocity) every `keep_every` steps.
+    Backward, step by step from the last: recompute theta_t from the nearest kept one, rebuild that one
+    step's graph, and take a single vector-Jacobian product. With u_t = clip(g_t(theta_t, x_b)) the
+    update direction is v_t = momentum * v_{t-1} + u_t + wd * theta_t and theta_{t+1} = theta_t - lr * v_t,
+    so with adjoints a_theta = dL/dtheta_{t+1} and a_v = dL/dv_{t+1}:
+        w = dL/dv_t = -lr * a_theta + momentum * a_v
+        a_theta <- a_theta + J_theta(u_t)^T w + wd * w,   dL/dx_b += J_x(u_t)^T w.
+    Clipping is inside u_t, so autograd differentiates it. Train-mode BN statistics are replayed in the
+    forward only: in train mode the outputs use batch statistics, so the recomputation runs on a scratch
+    copy. Memory: one step's graph plus the kept parameters, whatever the number of steps.
+    Returns (loss value tensor, list of image gradients per batch, final buffers).
+    """
+    names = _names(model)
+    model.train(sgd.bn_train)
+    run_buffers = {k: v.clone() for k, v in buffers.items()} if sgd.bn_train else buffers
+    schedule = [b for _ in range(epochs) for b in range(len(batches))]
+    params, velocity = [theta0[n].detach() for n in names], None
+    displacement = [torch.zeros_like(p) for p in params]
+    kept = {}
+    for t, b in enumerate(schedule):
+        if t % keep_every == 0:
+            kept[t] = (params, velocity)
+        x, y = batches[b]
+        params, velocity, update = sgd_step(model, params, velocity, run_buffers, x.detach(), y, sgd)
+        displacement = [d + u for d, u in zip(displacement, update)]
+
+    change = flat(displacement).requires_grad_(True)
+    loss = loss_of_change(change)
+    (dloss_dchange,) = torch.autograd.grad(loss, [change])
+    # theta_T = theta0 - change, so dL/dtheta_T = -dL/dchange
+    a_theta = [-a.view_as(p) for a, p in zip(dloss_dchange.split([p.numel() for p in params]), params)]
+    a_v = None
+    image_grads = [torch.zeros_like(x) for x, _ in batches]
+    scratch = {k: v.clone() for k, v in buffers.items()} if sgd.bn_train else buffers
+    for start in reversed(range(0, len(schedule), keep_every)):
+        stop = min(start + keep_every, len(schedule))
+        states = [kept.pop(start)]
+        for t in range(start, stop - 1):  # recompute theta_t inside the segment
+            x, y = batches[schedule[t]]
+            p, v, _ = sgd_step(model, *states[-1], scratch, x.detach(), y, sgd)
+            states.append((p, v))
+        for t in reversed(range(start, stop)):
+            p_t, _ = states.pop()
+            x, y = batches[schedule[t]]
+            p_leaf = [p.detach().requires_grad_(True) for p in p_t]
+            x_leaf = x.detach().requires_grad_(True)
+            u = loss_gradient(model, dict(zip(names, p_leaf)), scratch, x_leaf, y, sgd.clip_norm, sgd.clip_to,
+                              create_graph=True)
+            w = [-sgd.lr * a for a in a_theta]
+            if sgd.momentum and a_v is not None:
+                w = [wi + sgd.momentum * av for wi, av in zip(w, a_v)]
+            vjp = torch.autograd.grad(u, p_leaf + [x_leaf], grad_outputs=w, allow_unused=True)
+            a_theta = [a + (j if j is not None else 0) + sgd.weight_decay * wi
+                       for a, j, wi in zip(a_theta, vjp[:-1], w)]
+            if vjp[-1] is not None:
+                image_grads[schedule[t]] += vjp[-1]
+            a_v = w
+    return loss.detach(), image_grads, run_buffers
 
 
 def total_variation(x):
@@ -147,6 +236,37 @@ def reconstruction_loss(model, theta0, buffers, x, labels, weight_change, rbs, e
     match = match_loss(flat(displacement.values()), weight_change, loss_type)
     tv = sum(total_variation(xb) for xb, _ in batches)
     return match + tv_weight * tv, match, tv
+
+
+def reconstruction_loss_and_grad(model, theta0, buffers, x, labels, weight_change, rbs, epochs, sgd, tv_weight,
+                                 loss_type, backprop="recompute", keep_every=None):
+    """(total, match, tv) as reconstruction_loss, and d total / d x, by either reverse pass:
+    'unrolled' keeps the whole simulated graph (the paper's), 'recompute' one step's graph at a time."""
+    if backprop == "unrolled":
+        total, match, tv = reconstruction_loss(model, theta0, buffers, x, labels, weight_change, rbs, epochs,
+                                               sgd, tv_weight, loss_type)
+        (grad,) = torch.autograd.grad(total, [x])
+        return total.detach(), match.detach(), tv.detach(), grad
+    x_leaf = x.detach().requires_grad_(True)
+    batches = list(zip(x_leaf.split(rbs), labels.split(rbs)))
+    steps = epochs * len(batches)
+    k = keep_every or auto_keep_every(steps, sum(p.numel() * p.element_size() for p in theta0.values()))
+    match, image_grads, _ = simulate_training_recompute(
+        model, theta0, buffers, batches, epochs, sgd, lambda c: match_loss(c, weight_change, loss_type), k)
+    tv = sum(total_variation(xb) for xb, _ in batches)
+    (tv_grad,) = torch.autograd.grad(tv, [x_leaf])
+    grad = torch.cat(image_grads) + tv_weight * tv_grad
+    return match + tv_weight * tv.detach(), match, tv.detach(), grad
+
+
+KEEP_ALL_BUDGET_BYTES = 512 * 2**20
+
+
+def auto_keep_every(steps, param_bytes, budget=KEEP_ALL_BUDGET_BYTES):
+    """Keep every theta_t while they fit in `budget`; beyond, every ~sqrt(T)-th (T/k kept + k recomputed)."""
+    if steps * param_bytes <= budget:
+        return 1
+    return max(1, math.ceil(math.sqrt(steps)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +399,9 @@ def main(args):
         for iteration in bar:
             epoch, step = divmod(iteration, steps_per_epoch)
             sim = clipped_sgd if epoch < args.clip_epochs else sgd
-            loss, match, tv = reconstruction_loss(model, theta0, buffers, x, labels, weight_change, rbs,
-                                                  args.steps, sim, args.tv_weight, args.loss_type)
+            loss, match, tv, grad = reconstruction_loss_and_grad(
+                model, theta0, buffers, x, labels, weight_change, rbs, args.steps, sim, args.tv_weight,
+                args.loss_type, args.backprop, args.keep_every)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise UserError(f"the loss became {loss_value} at epoch {epoch} step {step}; the last good"
@@ -288,8 +409,7 @@ def main(args):
             log.writerow({"iteration": iteration, "epoch": epoch, "step": step, "total": loss_value,
                           "cos": match.item(), "tv": tv.item(), "lr": sched.get_last_lr()[0],
                           "seconds": round(time.time() - started, 3)})
-            # autograd.grad, not backward(): only the images' gradient, none for theta0
-            x.grad = torch.autograd.grad(loss, [x])[0]
+            x.grad = grad
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)

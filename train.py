@@ -75,7 +75,8 @@ def pretrain(model, args, subset_indices, device):
     eval-mode BatchNorm does not learn in 20 steps (loss stays 2.30), so we pretrain, with train-mode
     BN (to learn its running statistics), random crops and flips, momentum 0.9 and a cosine schedule.
     """
-    data = load_subset(args.dataset, args.data_root, args.pretrain_imgs, 0, exclude=subset_indices)
+    data = load_subset(args.dataset, args.data_root, args.pretrain_imgs, 0, exclude=subset_indices,
+                       strict=False)
     x, y = data["images"].to(device), data["labels"].to(device)
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.SGD(model.parameters(), lr=args.pretrain_lr, momentum=0.9, weight_decay=5e-4)
@@ -151,8 +152,8 @@ def main(args):
     subset = load_subset(args.dataset, args.data_root, args.num_imgs_per_class, args.offset)
     image_shape = list(subset["images"].shape[1:])
     model = build_model(args.model_name, subset["num_classes"], image_shape, args.width)
+    prepare_run_dir(run_dir, args.overwrite)  # before a possibly long pretraining
     theta0_info = make_theta0(model, args, subset["indices"].tolist(), device)
-    prepare_run_dir(run_dir, args.overwrite)
 
     model.to(device)
     theta0 = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -377,8 +377,9 @@ def load_dataset(dataset, data_root):
     return DATASETS[dataset](data_root)
 
 
-def first_k_per_class(targets, k, num_classes, offset=0, exclude=()):
-    """Indices of the first k images of each class in dataset order from `offset` (paper code)."""
+def first_k_per_class(targets, k, num_classes, offset=0, exclude=(), strict=True):
+    """Indices of the first k images of each class in dataset order from `offset` (paper code).
+    strict=False takes what there is when a class has fewer (pretraining)."""
     count = np.zeros(num_classes, dtype=int)
     excluded = set(int(i) for i in exclude)
     chosen = []
@@ -389,7 +390,7 @@ def first_k_per_class(targets, k, num_classes, offset=0, exclude=()):
             count[t] += 1
             if len(chosen) == k * num_classes:
                 break
-    if len(chosen) < k * num_classes:
+    if len(chosen) < k * num_classes and strict:
         raise UserError(f"the dataset has fewer than {k} images for some class after offset {offset};"
                         f" lower --num_imgs_per_class or --offset")
     return chosen
@@ -410,11 +411,11 @@ def to_normalised_tensor(images, indices, mean, std):
     return (x - mean_t) / std_t
 
 
-def load_subset(dataset, data_root, num_imgs_per_class, offset=0, exclude=()):
+def load_subset(dataset, data_root, num_imgs_per_class, offset=0, exclude=(), strict=True):
     """The paper's training subset: first k images per class. Returns a dict saved by train.py."""
     images, targets, classes = load_dataset(dataset, data_root)
     num_classes = len(classes) if dataset in ("folder", "tiny") else num_classes_of(dataset)
-    indices = first_k_per_class(targets, num_imgs_per_class, num_classes, offset, exclude)
+    indices = first_k_per_class(targets, num_imgs_per_class, num_classes, offset, exclude, strict)
     mean, std = NORMALISATION[dataset]
     x = to_normalised_tensor(images, indices, mean, std)
     if x.shape[1] != len(mean):
@@ -431,3 +432,25 @@ def denormalise(x, mean, std):
     mean = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
     return (x * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# grid_search.sh's summary: reads each short run's grid_result.json (never log text).
+
+
+def summarise_grid_search(grid_dir, run_dirs):
+    """Print the candidates sorted by final loss, write grid_search.csv/json, return the best row."""
+    rows = []
+    for d in run_dirs:
+        result = read_json(os.path.join(d, "grid_result.json"), what="grid-search (recons.py --grid_search 1)")
+        rows.append({"rlr": result["rlr"], "rbs": result["rbs"], "final_loss": result["final_loss"], "dir": d})
+    rows.sort(key=lambda r: (not np.isfinite(r["final_loss"]), r["final_loss"]))
+    print(f"\n{'rlr':>8} {'rbs':>5} {'final loss':>12}")
+    for r in rows:
+        print(f"{r['rlr']:>8g} {r['rbs']:>5d} {r['final_loss']:>12.6f}")
+    best = rows[0]
+    print(f"\nsuggested: --rlr {best['rlr']:g} --rbs {best['rbs']}  (lowest loss after the short runs)")
+    os.makedirs(grid_dir, exist_ok=True)
+    write_csv(os.path.join(grid_dir, "grid_search.csv"), rows, ["rlr", "rbs", "final_loss", "dir"])
+    write_json(os.path.join(grid_dir, "grid_search.json"), {"best": best, "candidates": rows})
+    return best

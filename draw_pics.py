@@ -1,0 +1,113 @@
+"""Draw the paper's Figure 1 (reconstructions above their matched training images) and the loss curve.
+
+Reads matched.pth written by metrics.py with the same flags:
+
+    python metrics.py   --eval_epoch 5 --eval_step 12 ...
+    python draw_pics.py --eval_epoch 5 --eval_step 12 ...
+"""
+import argparse
+import csv
+import os
+
+import torch
+
+from metrics import add_metrics_args, metrics_dir_from_args, snapshot_path_from_args
+from utils import UserError, denormalise, load_checkpoint, run_main
+
+
+def figure_rows(recons, train, per_row):
+    """Rows of `per_row` reconstructions, each followed by the row of their training images.
+
+    A short last row is filled with blank (white) tiles so the pairs stay aligned in the grid.
+    """
+    tiles = []
+    for s in range(0, len(train), per_row):
+        for block in (recons[s:s + per_row], train[s:s + per_row]):
+            blank = torch.ones(per_row - len(block), *block.shape[1:], dtype=block.dtype)
+            tiles.append(torch.cat([block, blank]))
+    return torch.cat(tiles)
+
+
+def draw_reconstruction(matched, sort, per_row, path):
+    from torchvision.utils import save_image
+    order = torch.arange(len(matched["train"]))
+    if sort == "ssim":
+        order = torch.argsort(matched["ssim"], descending=True, stable=True)
+    train = denormalise(matched["train"][order].float(), matched["mean"], matched["std"])
+    recons = denormalise(matched["recons"][order].float(), matched["mean"], matched["std"])
+    save_image(figure_rows(recons, train, per_row), path, nrow=per_row, padding=2, pad_value=1.0)
+    return path
+
+
+def read_loss_log(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return {key: [float(r[key]) for r in rows] for key in ("iteration", "total", "cos")}
+    except (KeyError, ValueError) as err:
+        raise UserError(f"{path} lacks a numeric column ({err}); it should be recons.py's log.csv"
+                        f" with iteration,total,cos columns") from None
+
+
+def draw_loss_curve(log_path, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    log = read_loss_log(log_path)
+    if not log["iteration"]:
+        print(f"note: {log_path} has no rows yet; no loss curve drawn")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(log["iteration"], log["total"], label="total")
+    ax.plot(log["iteration"], log["cos"], label="cos")
+    ax.set_yscale("log")  # losses fall over orders of magnitude
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_metrics_args(parser)
+    g = parser.add_argument_group("figure")
+    g.add_argument("--sort", default="none", choices=["none", "ssim"],
+                   help="none = training-subset order; ssim = best-matched pairs first")
+    g.add_argument("--per_row", default=10, type=int, help="images per row")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    if args.per_row < 1:
+        raise UserError(f"--per_row {args.per_row} must be at least 1")
+    out_dir = metrics_dir_from_args(args)
+    matched_path = os.path.join(out_dir, "matched.pth")
+    if not os.path.isfile(matched_path):
+        raise UserError(f"{matched_path} not found; run metrics.py with the same flags first")
+    matched = load_checkpoint(matched_path, "matched pairs")
+    if matched.get("matching", args.matching) != args.matching:
+        raise UserError(f"{matched_path} holds {matched['matching']} matching; run metrics.py with"
+                        f" --matching {args.matching} first, or draw with --matching"
+                        f" {matched['matching']}")
+    if len(matched["train"]) == 0:
+        raise UserError(f"{matched_path} has no matched pairs; the snapshot had no reconstructions")
+
+    paths = [draw_reconstruction(matched, args.sort, args.per_row,
+                                 os.path.join(out_dir, "reconstruction.png"))]
+    log_path = os.path.join(snapshot_path_from_args(args)[0], "log.csv")
+    if os.path.isfile(log_path):
+        curve = draw_loss_curve(log_path, os.path.join(out_dir, "loss_curve.png"))
+        paths += [curve] if curve else []
+    else:
+        print(f"note: {log_path} not found; no loss curve drawn")
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    run_main(main, parse_args)
