@@ -69,3 +69,17 @@ def test_buffers_replayed_once_in_train_mode():
 def test_auto_keep_every():
     assert auto_keep_every(8, 1000) == 1               # everything fits: keep every theta_t
     assert auto_keep_every(400, 2**20, budget=2**24) == 20  # 400 steps of 1 MB in 16 MB: every sqrt(T)-th
+
+
+def test_auto_picks_unrolled_when_it_fits_and_recompute_when_not(monkeypatch):
+    import recons
+    model, theta0, buffers, weight_change = _setup("resnet18", (3, 16, 16))
+    x, labels, sgd = torch.randn(40, 3, 16, 16), torch.arange(40) % 10, SGDConfig(lr=0.01)
+    need = recons.unrolled_graph_bytes(model, theta0, buffers, x, labels, 10, 2, sgd)
+    per_step = recons.unrolled_graph_bytes(model, theta0, buffers, x[:10], labels[:10], 10, 1, sgd)
+    assert need == 8 * per_step  # 2 epochs x 4 batches, linear in the number of simulated steps
+    monkeypatch.setattr(recons, "device_memory_bytes", lambda device: need / recons.AUTO_MEMORY_SHARE * 2)
+    assert recons.choose_backprop("auto", model, theta0, buffers, x, labels, 10, 2, sgd)[0] == "unrolled"
+    monkeypatch.setattr(recons, "device_memory_bytes", lambda device: need / recons.AUTO_MEMORY_SHARE / 2)
+    assert recons.choose_backprop("auto", model, theta0, buffers, x, labels, 10, 2, sgd)[0] == "recompute"
+    assert recons.choose_backprop("unrolled", model, theta0, buffers, x, labels, 10, 2, sgd) == ("unrolled", None)
