@@ -163,7 +163,6 @@ def add_metrics_args(parser):
     g.add_argument("--top", default=None, type=int,
                    help="score only the N first-ranked reconstructions (snapshot's 'ranking')")
     # Accepted so the paper's command lines work.
-    g.add_argument("--rec_lambda_lr", default=1e-6, type=float, help="paper flag (unused here)")
     g.add_argument("--resolution", default=None, type=int, help="ignored: shape comes from the data")
     return parser
 

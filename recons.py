@@ -1,11 +1,20 @@
-"""Stage 2: reconstruct the training images from theta0 and theta_final alone (SimuDy).
+"""Stage 2: reconstruct the training images from theta0 and theta_final alone (SimuDy, or a baseline).
 
-Dummy images start as noise (randn * 0.5) with balanced random labels. Each iteration simulates the
-training on them (same lr, batch size, `--steps` epochs, unrolled SGD) and moves the dummies so that
-the simulated change theta0 - theta_hat_f points the way of theta0 - theta_f:
+SimuDy (--method simudy, the default). Dummy images start as noise (randn * 0.5) with balanced random
+labels. Each iteration simulates the training on them (same lr, batch size, `--steps` epochs, unrolled
+SGD) and moves the dummies so that the simulated change theta0 - theta_hat_f points the way of
+theta0 - theta_f:
     loss = 1 - cos(theta0 - theta_hat_f, theta0 - theta_f) + tv_weight * sum_batches TV(x_batch)
+--num_dummy M reconstructs M dummies when the dataset size is unknown and ranks them by the norm of the
+loss gradient on each (the paper's appendix); --rlr auto / --rbs auto pick the simulation's lr and
+batch size by the paper's short runs before the full one.
+
+Baselines, as the paper's recons_1step.py / recons_2step.py re-implemented them: 2N candidates with
+dual variables lambda, matching grad_theta sum_i lambda_i loss(x_i, y_i) at theta_f (one_step, Buzaglo
+et al.) or at theta0 and theta_f (two_step, Loo et al.) to theta0 - theta_f.
 
     python ./recons.py --num_imgs_per_class 2 --tlr 1e-2 --bs 20 --rec_lr 1e-2
+    python ./recons.py --num_imgs_per_class 2 --tlr 1e-2 --bs 20 --method one_step
 """
 import argparse
 import csv
@@ -20,17 +29,40 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from models import build_model
-from utils import (UserError, add_data_args, add_model_args, add_recons_id_args, add_runtime_args,
+from utils import (AUTO, UserError, add_data_args, add_model_args, add_recons_id_args, add_runtime_args,
                    add_training_hparam_args, library_versions, load_checkpoint, pick_device, prepare_run_dir,
-                   read_json, recons_dir_from_args, resolve_simulation_hparams, run_main, set_seed,
-                   train_dir_from_args, write_json)
+                   print_candidates, read_json, recons_dir_from_args, resolve_rec_lr, resolve_simulation_hparams,
+                   run_main, set_seed, train_dir_from_args, write_csv, write_json)
 
 # The paper code's constants, as named defaults.
 INIT_SCALE = 0.5          # dummy images start as randn * 0.5
 ADAM_BETAS = (0.8, 0.9)
 COSINE_T_MAX = 100        # CosineAnnealingLR(T_max=100), stepped every iteration (period 200)
-GRID_SEARCH_STEPS = 50    # --grid_search 1: one epoch of 50 steps
-LOG_FIELDS = ["iteration", "epoch", "step", "total", "cos", "tv", "lr", "seconds"]
+GRID_SEARCH_STEPS = 50    # --grid_search 1 and --rlr/--rbs auto: one epoch of 50 steps
+SAVE_EVERY = {"simudy": 100, "baseline": 500}  # snapshot interval in steps (paper code)
+# The paper's lr sweep (grid_search.sh): 0.020 down to 0.001 in steps of 0.001.
+PAPER_RLR_CANDIDATES = tuple(round(0.001 * k, 3) for k in range(20, 0, -1))
+# "l2" is the baselines' squared distance (empty in SimuDy rows, whose match loss goes in "cos").
+LOG_FIELDS = ["iteration", "epoch", "step", "total", "cos", "tv", "l2", "lr", "seconds"]
+METHODS = ("simudy", "one_step", "two_step")
+
+# The baselines (paper code's recons_1step.py / recons_2step.py).
+BASELINE_CANDIDATE_RATIO = 2   # candidates per training image
+BASELINE_STEPS = 100_000
+BASELINE_COSINE_T_MAX = 2000
+DUAL_INIT_HALF_WIDTH = 0.5     # lambda ~ U[-0.5, 0.5]
+DUAL_MOMENTUM = 0.9
+# Their loss by step: rows (until step, l2 weight, cos weight, tv weight), the first row whose `until` lies
+# beyond the step applies. The l2 weight grows so the duals and images first find the gradient's scale;
+# the last phase is 30 * (1 - cos) + 0.1 * 0.01 * TV (the paper code's 0.1 * tv_loss, tv_loss = 0.01 * TV).
+BASELINE_LOSS_SCHEDULE = (
+    (600, 1 / 100, 0, 0),
+    (1600, 1 / 30, 0, 0),
+    (4000, 1 / 20, 0, 0),
+    (8000, 1, 0, 0),
+    (12000, 5, 0, 0),
+    (math.inf, 0, 30, 0.1 * 0.01),
+)
 
 
 def parse_args(argv=None):
@@ -41,6 +73,9 @@ def parse_args(argv=None):
     add_recons_id_args(p)
     add_runtime_args(p)
     g = p.add_argument_group("reconstruction")
+    g.add_argument("--method", default="simudy", choices=METHODS,
+                   help="simudy (the paper's); one_step (Buzaglo et al.) or two_step (Loo et al.), the"
+                        " paper's baselines (metrics.py --linear 1 / 2)")
     g.add_argument("--grid_search", default=0, type=int, choices=[0, 1],
                    help="1: a short run (1 x 50 steps) whose final loss grid_search.sh compares")
     g.add_argument("--loss_type", default="cos", type=loss_type_name,
@@ -49,7 +84,9 @@ def parse_args(argv=None):
                    help="weight of total variation (the paper code's effective 0.1*0.01)")
     g.add_argument("--rec_epochs", default=20, type=int, help="outer epochs (paper code: 20)")
     g.add_argument("--rec_steps_per_epoch", default=1500, type=int, help="iterations per outer epoch")
-    g.add_argument("--save_every", default=100, type=int, help="snapshot <epoch>_<step>.pth every N steps")
+    g.add_argument("--save_every", default=None, type=int,
+                   help=f"snapshot every N steps; default {SAVE_EVERY['simudy']} (SimuDy, <epoch>_<step>.pth)"
+                        f" or {SAVE_EVERY['baseline']} (baselines, x_<step>.pth), as the paper code")
     g.add_argument("--clip_norm", default=20.0, type=float,
                    help="a simulated gradient with norm above this is rescaled to --clip_to ...")
     g.add_argument("--clip_to", default=5.0, type=float)
@@ -63,6 +100,14 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the last snapshot of the run")
     g.add_argument("--max_iterations", default=0, type=int,
                    help="stop (resumably) after this many iterations in total; 0 = run to the end")
+    g = p.add_argument_group("--rlr auto / --rbs auto (the paper's selection, in-process)")
+    g.add_argument("--rlr_candidates", default=None, type=float, nargs="+",
+                   help="simulation lrs to try; default the paper's 0.020 down to 0.001 in steps of 0.001")
+    g.add_argument("--rbs_candidates", default=None, type=int, nargs="+",
+                   help="simulation batch sizes to try; default the training's --bs, its half and its double")
+    g = p.add_argument_group("baselines (--method one_step / two_step)")
+    g.add_argument("--baseline_steps", default=BASELINE_STEPS, type=int,
+                   help="optimisation steps (paper code: 100,000)")
     return p.parse_args(argv)
 
 
@@ -317,8 +362,29 @@ def balanced_random_labels(num, num_classes, generator):
     return labels[torch.randperm(num, generator=generator)]
 
 
+def initial_dummies(num, image_shape, num_classes, seed, device):
+    """(x, labels, generator): randn * 0.5 images and balanced random labels, from a CPU generator so a
+    seed gives the same start on any device; the generator goes on to draw anything else a method needs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(num, *image_shape, generator=gen) * INIT_SCALE).to(device)
+    labels = balanced_random_labels(num, num_classes, gen).to(device)
+    return x.requires_grad_(True), labels, gen
+
+
+@dataclass
+class TrainingRun:
+    """A training run folder, loaded: the model, theta0 and theta_final (parameters and buffers apart),
+    the true change theta0 - theta_final over the parameters (flat) and its config.json."""
+    model: torch.nn.Module
+    theta0: dict
+    buffers: dict
+    theta_final: dict
+    final_buffers: dict
+    weight_change: torch.Tensor
+    config: dict
+
+
 def load_training_run(train_dir, device):
-    """theta0, theta_final (params and buffers split), the model and the training config."""
     config = read_json(os.path.join(train_dir, "config.json"), what="training (train.py)")
     targs = config["args"]
     model = build_model(targs["model_name"], config["data"]["num_classes"], config["data"]["image_shape"],
@@ -334,11 +400,27 @@ def load_training_run(train_dir, device):
                             f" (width {targs['width']}); retrain with train.py or fix the run folder") from None
         states[name] = {k: v.to(device) for k, v in state.items()}
     model.to(device)
-    param_names = [n for n, _ in model.named_parameters()]
-    theta0 = {n: states["theta0"][n] for n in param_names}
-    buffers = {n: v for n, v in states["theta0"].items() if n not in theta0}
-    weight_change = flat(states["theta0"][n] - states["theta_final"][n] for n in param_names)
-    return model, theta0, buffers, weight_change, config
+    names = _names(model)  # parameter order = weight_change order = the simulation's
+
+    def split(state):
+        return {n: state[n] for n in names}, {k: v for k, v in state.items() if k not in names}
+    theta0, buffers = split(states["theta0"])
+    theta_final, final_buffers = split(states["theta_final"])
+    weight_change = flat(theta0[n] - theta_final[n] for n in names)
+    return TrainingRun(model, theta0, buffers, theta_final, final_buffers, weight_change, config)
+
+
+def num_dummies(requested, num_imgs_per_class, train_dir_given, data, method):
+    """--num_dummy, else N (SimuDy) or 2N candidates (baselines); N from the flags, or from the training
+    folder when --train_dir names it (then the folder, not the flags, says how many)."""
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--num_dummy {requested} must be at least 1")
+        return requested
+    num_train = num_imgs_per_class * data["num_classes"]
+    if train_dir_given and num_train != data["num_images"]:
+        num_train = data["num_images"]
+    return num_train if method == "simudy" else BASELINE_CANDIDATE_RATIO * num_train
 
 
 def sgd_config_from_training(train_config, rlr, clip_norm=math.inf, clip_to=5.0):
@@ -347,19 +429,45 @@ def sgd_config_from_training(train_config, rlr, clip_norm=math.inf, clip_to=5.0)
                      bn_train=targs.get("bn_mode", "eval") == "train", clip_norm=clip_norm, clip_to=clip_to)
 
 
-def snapshot_path(run_dir, epoch, step):
-    return os.path.join(run_dir, f"{epoch}_{step}.pth")
+def snapshot_path(run_dir, prefix, step):
+    """<epoch>_<step>.pth (SimuDy) or x_<step>.pth (baselines): the paper code's names."""
+    return os.path.join(run_dir, f"{prefix}_{step}.pth")
 
 
-def save_snapshot(run_dir, x, labels, epoch, step):
-    torch.save({"x": x.detach().cpu().clone(), "labels": labels.cpu(), "epoch": epoch, "step": step},
-               snapshot_path(run_dir, epoch, step))
+def save_snapshot(run_dir, prefix, x, labels, epoch, step, **extra):
+    path = snapshot_path(run_dir, prefix, step)
+    torch.save({"x": x.detach().cpu().clone(), "labels": labels.cpu(), "epoch": epoch, "step": step, **extra},
+               path)
+    return path
 
 
-def save_resume_state(run_dir, x, opt, sched, iteration):
+# ----------------------------------------------------------------------------------------------
+# The outer loop and its bookkeeping (run folder, log, snapshots, resume, NaN), shared by the methods.
+
+
+@dataclass
+class RunState:
+    """What a run moves and what --resume restores in place: tensors (x, duals), objects with a
+    state_dict (optimisers, schedulers) and the dummies' labels."""
+    tensors: dict
+    stateful: dict
+    labels: torch.Tensor
+
+
+class NonFiniteLoss(Exception):
+    """An iteration's loss is nan or inf (raised before the dummies move)."""
+
+
+def check_finite(value, where):
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"the loss became {value} at {where}")
+    return value
+
+
+def save_resume_state(run_dir, state, iteration):
     path = os.path.join(run_dir, "resume.pth")
-    torch.save({"x": x.detach().cpu(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "iteration": iteration}, path + ".tmp")
+    torch.save({**{k: t.detach().cpu() for k, t in state.tensors.items()},
+                **{k: o.state_dict() for k, o in state.stateful.items()}, "iteration": iteration}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -373,103 +481,415 @@ def truncate_log(path, iterations):
         w.writerows(rows)
 
 
+def open_run(run_dir, state, resume, overwrite, device):
+    """A fresh run folder (labels.pth, log header), or with `resume` the folder's last resume state and
+    labels restored into `state` and the log cut to it. Returns the first iteration to run."""
+    log_path = os.path.join(run_dir, "log.csv")
+    if not resume:
+        prepare_run_dir(run_dir, overwrite)
+        torch.save(state.labels.cpu(), os.path.join(run_dir, "labels.pth"))
+        with open(log_path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_FIELDS).writeheader()
+        return 0
+    resume_path = os.path.join(run_dir, "resume.pth")
+    if not os.path.isfile(resume_path):
+        raise UserError(f"nothing to resume in {run_dir} (no resume.pth); start without --resume")
+    saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for k, t in state.tensors.items():
+            t.copy_(saved[k].to(device))
+        state.labels.copy_(torch.load(os.path.join(run_dir, "labels.pth")).to(device))
+    for k, o in state.stateful.items():
+        o.load_state_dict(saved[k])
+    start = saved["iteration"] + 1
+    truncate_log(log_path, start)
+    print(f"resuming {run_dir} at iteration {start}")
+    return start
+
+
+def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfinite=False):
+    """The outer loop: iterate(i) computes the loss, moves the dummies and returns the log row; a log.csv
+    row per iteration; save(i) writes a snapshot when one is due and returns its path (else None).
+
+    A non-finite loss ends the run with a one-line error naming the last good snapshot, or with
+    `stop_on_nonfinite` (short runs) a last row of total nan. Ctrl-C ends a run that saves resumably.
+    Returns (last row or None, whether the loop ran to its end)."""
+    log_file = open(log_path, "a", newline="") if log_path else None
+    log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS) if log_file else None
+    bar = tqdm(iterations, desc="recons", disable=None)
+    started, last_good, row = time.time(), None, None
+    try:
+        for iteration in bar:
+            try:
+                row = {"iteration": iteration, **iterate(iteration)}
+            except NonFiniteLoss as err:
+                if stop_on_nonfinite:
+                    return {"iteration": iteration, "total": float("nan")}, True
+                raise UserError(f"{err}; the last good snapshot is {last_good or 'none'}; lower --rec_lr or"
+                                f" --rlr and restart") from None
+            row["seconds"] = round(time.time() - started, 3)
+            if log:
+                log.writerow(row)
+                log_file.flush()  # before a snapshot's resume state, so the log never lags it
+            bar.set_postfix(loss=f"{row['total']:.4f}", refresh=False)
+            last_good = (save(iteration) if save else None) or last_good
+    except KeyboardInterrupt:
+        if save is None:  # a short run has nothing to resume from: end the whole search
+            raise
+        print(f"\ninterrupted; continue with --resume (from {last_good or 'the start'})")
+        return row, False
+    finally:
+        if log_file:
+            log_file.close()
+    return row, True
+
+
+def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every, steps_per_epoch,
+               write_snapshot):
+    """Iterations start .. total (or --max_iterations), with a snapshot (write_snapshot(i) -> its path) and
+    the resume state every `save_every` steps of an outer epoch (0: none) and at the last iteration; a run
+    stopped by --max_iterations can be resumed. Returns the last loss (nan if no iteration ran)."""
+    end = min(total, max_iterations or total)
+
+    def save(iteration):
+        if not ((save_every and iteration % steps_per_epoch % save_every == 0) or iteration == total - 1):
+            return None
+        path = write_snapshot(iteration)
+        save_resume_state(run_dir, state, iteration)
+        return path
+    row, finished = run_iterations(iterate, range(start, end), os.path.join(run_dir, "log.csv"), save)
+    if finished and start < end < total:
+        save_resume_state(run_dir, state, end - 1)
+        print(f"stopped after {end} iterations; continue with --resume")
+    return float("nan") if row is None else row["total"]
+
+
+def snapshot_interval(requested, kind):
+    """--save_every, or the paper code's interval for SimuDy / the baselines."""
+    return SAVE_EVERY[kind] if requested is None else requested
+
+
+def run_config(args, train_dir, device, **fields):
+    return {"stage": "recons", "method": args.method, "args": vars(args), "train_dir": train_dir,
+            "seed": args.seed, **fields, "versions": library_versions(), "device": str(device)}
+
+
+def final_loss_text(loss, run_dir):
+    return f"final loss {loss:.5f}; run folder {run_dir}"
+
+
+# ----------------------------------------------------------------------------------------------
+# SimuDy's iterations, full and short (--grid_search 1, --rlr/--rbs auto).
+
+
+@dataclass
+class SimuDySetup:
+    """Everything a SimuDy iteration needs besides the dummies and their optimiser."""
+    run: TrainingRun
+    rbs: int
+    epochs: int            # simulated epochs (--steps)
+    sgd: SGDConfig
+    clipped_sgd: SGDConfig  # during the first clip_epochs outer epochs
+    clip_epochs: int
+    tv_weight: float
+    loss_type: str
+    backprop: str
+    keep_every: int
+
+
+def simudy_setup(run, rlr, rbs, args, x, labels):
+    """(SimuDySetup, bytes the unrolled graph would need or None) for this rlr/rbs and the flags."""
+    sgd = sgd_config_from_training(run.config, rlr)
+    backprop, graph_bytes = choose_backprop(args.backprop, run.model, run.theta0, run.buffers, x, labels, rbs,
+                                            args.steps, sgd)
+    return SimuDySetup(run, rbs, args.steps, sgd, sgd_config_from_training(run.config, rlr, args.clip_norm,
+                                                                            args.clip_to),
+                       args.clip_epochs, args.tv_weight, args.loss_type, backprop, args.keep_every), graph_bytes
+
+
+def simudy_optimisers(x, rec_lr):
+    opt = torch.optim.Adam([x], lr=rec_lr, betas=ADAM_BETAS)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=COSINE_T_MAX)
+
+
+def simudy_iteration(setup, x, labels, opt, sched, steps_per_epoch):
+    """iterate(i) for run_iterations: one SimuDy step; the loss gradient stays in x.grad (for the ranking)."""
+    run = setup.run
+
+    def iterate(iteration):
+        epoch, step = divmod(iteration, steps_per_epoch)
+        sim = setup.clipped_sgd if epoch < setup.clip_epochs else setup.sgd
+        loss, match, tv, grad = reconstruction_loss_and_grad(
+            run.model, run.theta0, run.buffers, x, labels, run.weight_change, setup.rbs, setup.epochs, sim,
+            setup.tv_weight, setup.loss_type, setup.backprop, setup.keep_every)
+        total = check_finite(loss.item(), f"epoch {epoch} step {step}")
+        row = {"epoch": epoch, "step": step, "total": total, "cos": match.item(), "tv": tv.item(),
+               "lr": sched.get_last_lr()[0]}
+        x.grad = grad
+        opt.step()
+        sched.step()
+        return row
+    return iterate
+
+
+def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
+    """The paper's selection run (--grid_search 1, --rlr/--rbs auto): `iterations` SimuDy steps in one
+    epoch from the given start, no snapshots. Returns the last loss (nan if it diverged)."""
+    opt, sched = simudy_optimisers(x, rec_lr)
+    row, _ = run_iterations(simudy_iteration(setup, x, labels, opt, sched, iterations), range(iterations),
+                            log_path, stop_on_nonfinite=True)
+    return float("nan") if row is None else row["total"]
+
+
+def rank_by_gradient_norm(grad):
+    """(ranking, norms): dummy indices by descending ||d loss / d x_j||, and the norms. Dummies that match
+    training images carry large gradients (the paper's appendix: 1.55 on average vs 0.55 unmatched)."""
+    norms = grad.detach().flatten(1).norm(dim=1).cpu()
+    return torch.argsort(norms, descending=True, stable=True), norms
+
+
+def write_ranking(path, ranking, norms, labels):
+    write_csv(path, [{"rank": r, "dummy": int(j), "label": int(labels[j]), "grad_norm": float(norms[j])}
+                     for r, j in enumerate(ranking)], ["rank", "dummy", "label", "grad_norm"])
+
+
+# ----------------------------------------------------------------------------------------------
+# --rlr auto / --rbs auto: the paper's selection (grid_search.sh) in-process.
+
+
+def search_candidates(rlr, rbs, tlr, bs, rlr_candidates, rbs_candidates):
+    """(rlr, rbs) pairs to try: the candidates of each flag that is auto, the resolved value of the other."""
+    if rlr == AUTO:
+        rlrs = rlr_candidates or list(PAPER_RLR_CANDIDATES)
+    else:
+        rlrs = [rlr or tlr]
+    if rbs == AUTO:
+        rbss = rbs_candidates or sorted({max(1, bs // 2), bs, 2 * bs})
+    else:
+        rbss = [rbs or bs]
+    if min(rlrs) <= 0 or min(rbss) < 1:
+        raise UserError("--rlr_candidates must be positive and --rbs_candidates at least 1; fix the lists")
+    return [(lr, b) for b in dict.fromkeys(rbss) for lr in dict.fromkeys(rlrs)]
+
+
+def paper_avg_ssim(train_images, recons):
+    """metrics.py's number: greedy SSIM matching, matched sum over the number of training images."""
+    from metrics import match_by_ssim, ssim_matrix  # scipy and friends only when a search runs
+    ssim = ssim_matrix(train_images, recons)
+    return float(sum(ssim[r, c] for r, c in match_by_ssim(ssim)) / len(train_images))
+
+
+def auto_search(run, args, candidates, num_dummy, rec_lr, device, train_images=None):
+    """A short run per (rlr, rbs) from the same seeded start; returns rows sorted by final loss (best
+    first), with each run's avg SSIM against the training images when those are given."""
+    data = run.config["data"]
+    rows = []
+    for rlr, rbs in candidates:
+        x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+        setup, _ = simudy_setup(run, rlr, rbs, args, x, labels)
+        loss = short_run(setup, x, labels, rec_lr, GRID_SEARCH_STEPS)
+        ssim = None if train_images is None else paper_avg_ssim(train_images, x.detach().cpu())
+        rows.append({"rlr": rlr, "rbs": rbs, "final_loss": loss, "avg_ssim": ssim})
+    rows = print_candidates(rows)
+    if not math.isfinite(rows[0]["final_loss"]):
+        raise UserError("every short run's loss became nan or inf; lower --rec_lr or try smaller --rlr_candidates")
+    return rows
+
+
+def plot_auto_search(rows, path):
+    """Final loss vs rlr, a line per rbs; avg SSIM on a second axis (the paper's Fig. 2: loss tracks SSIM)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ssim_ax = ax.twinx() if any(r["avg_ssim"] is not None for r in rows) else None
+    for rbs in sorted({r["rbs"] for r in rows}):
+        line = sorted((r for r in rows if r["rbs"] == rbs), key=lambda r: r["rlr"])
+        lrs = [r["rlr"] for r in line]
+        drawn = ax.plot(lrs, [r["final_loss"] for r in line], marker="o", label=f"loss, rbs {rbs}")
+        if ssim_ax:
+            ssim_ax.plot(lrs, [r["avg_ssim"] for r in line], marker="x", linestyle="--",
+                         color=drawn[0].get_color(), label=f"SSIM, rbs {rbs}")
+    ax.set_xlabel("simulation lr (rlr)")
+    ax.set_ylabel(f"final loss after {GRID_SEARCH_STEPS} steps")
+    handles, names = ax.get_legend_handles_labels()
+    if ssim_ax:
+        ssim_ax.set_ylabel("avg SSIM (paper metric)")
+        more = ssim_ax.get_legend_handles_labels()
+        handles, names = handles + more[0], names + more[1]
+    ax.legend(handles, names, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The baselines: one_step (Buzaglo et al.) and two_step (Loo et al.).
+
+
+def weighted_gradient(model, params, buffers, x, labels, duals):
+    """grad_theta sum_i lambda_i * CE(f_theta(x_i), y_i) at `params`, flat; differentiable w.r.t. x and the
+    duals (create_graph), as the paper code's autograd.grad of the per-sample losses dotted with lambda."""
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    out = functional_call(model, {**params, **buffers}, (x,))
+    losses = F.cross_entropy(out, labels, reduction="none")
+    return flat(torch.autograd.grad(losses @ duals, list(params.values()), create_graph=True))
+
+
+def baseline_loss_weights(step):
+    """(l2, cos, tv) weights of the baselines' loss at this step (BASELINE_LOSS_SCHEDULE)."""
+    return next(tuple(weights) for until, *weights in BASELINE_LOSS_SCHEDULE if step < until)
+
+
+def baseline_loss(gradient, weight_change, x, step):
+    """(total, l2, cos, tv): l2 = ||g - (theta0 - theta_f)||^2, cos = 1 - cos(g, theta0 - theta_f),
+    tv = TV(x) over all candidates, total weighted by the step's row of the schedule."""
+    l2 = (gradient - weight_change).pow(2).sum()
+    cos = 1 - F.cosine_similarity(gradient, weight_change, dim=0, eps=1e-20)
+    tv = total_variation(x)
+    # terms of weight 0 are left out, not multiplied: 0 * inf would make the loss nan
+    total = sum(w * term for w, term in zip(baseline_loss_weights(step), (l2, cos, tv)) if w)
+    return total, l2, cos, tv
+
+
+def baseline_points(run, method):
+    """(name, params, buffers) where the baseline takes its weighted gradients: theta_f (one_step), or
+    theta0 and theta_f (two_step)."""
+    points = [("theta_final", run.theta_final, run.final_buffers)]
+    if method == "two_step":
+        points.insert(0, ("theta0", run.theta0, run.buffers))
+    return points
+
+
+def baseline_iteration(run, points, x, labels, duals, opt, sched, dual_opt):
+    """iterate(i) for run_iterations: one baseline step on the candidates and their duals."""
+    run.model.eval()  # BatchNorm in eval mode, as the paper code
+
+    def iterate(iteration):
+        gradient = sum(weighted_gradient(run.model, params, buffers, x, labels, duals[name])
+                       for name, params, buffers in points)
+        total, l2, cos, tv = baseline_loss(gradient, run.weight_change, x, iteration)
+        check_finite(total.item(), f"step {iteration}")
+        moved = [x, *duals.values()]
+        for t, g in zip(moved, torch.autograd.grad(total, moved)):  # not backward: theta needs no grad
+            t.grad = g
+        row = {"epoch": 0, "step": iteration, "total": total.item(), "cos": cos.item(), "tv": tv.item(),
+               "l2": l2.item(), "lr": sched.get_last_lr()[0]}
+        opt.step()
+        dual_opt.step()
+        sched.step()
+        return row
+    return iterate
+
+
+def reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, rec_lr, device):
+    data = run.config["data"]
+    x, labels, gen = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+    points = baseline_points(run, args.method)
+    duals = {name: ((torch.rand(num_dummy, generator=gen) * 2 - 1) * DUAL_INIT_HALF_WIDTH).to(device)
+             .requires_grad_(True) for name, _, _ in points}
+    opt = torch.optim.Adam([x], lr=rec_lr, betas=ADAM_BETAS)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=BASELINE_COSINE_T_MAX)
+    dual_opt = torch.optim.SGD(list(duals.values()), lr=args.rec_lambda_lr, momentum=DUAL_MOMENTUM)
+    state = RunState({"x": x, **{f"duals_{k}": v for k, v in duals.items()}},
+                     {"optimizer": opt, "scheduler": sched, "dual_optimizer": dual_opt}, labels)
+    start = open_run(run_dir, state, args.resume, args.overwrite, device)
+    write_json(os.path.join(run_dir, "config.json"), run_config(args, train_dir, device, num_dummy=num_dummy,
+                                                                rec_lr=rec_lr, rec_lambda_lr=args.rec_lambda_lr))
+    total = args.baseline_steps
+    loss = run_to_end(run_dir, state, start, total, args.max_iterations,
+                      baseline_iteration(run, points, x, labels, duals, opt, sched, dual_opt),
+                      snapshot_interval(args.save_every, "baseline"), total,
+                      lambda i: save_snapshot(run_dir, "x", x, labels, 0, i,
+                                              duals={k: v.detach().cpu().clone() for k, v in duals.items()}))
+    print(final_loss_text(loss, run_dir))
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def resolved_args(args, **values):
+    """A copy of args with resolved values (rec_lr, chosen rlr/rbs), so config.json and the folder name
+    record what ran."""
+    return argparse.Namespace(**{**vars(args), **values})
+
+
 def main(args):
     device = pick_device(args.device)
     set_seed(args.seed)
-    rlr, rbs = resolve_simulation_hparams(args)
+    auto = AUTO in (args.rlr, args.rbs)
+    if args.method != "simudy" and (auto or args.grid_search):
+        raise UserError(f"--rlr/--rbs auto and --grid_search tune SimuDy's simulation; drop them for"
+                        f" --method {args.method}")
+    if auto and (args.grid_search or args.resume):
+        raise UserError("--rlr/--rbs auto runs its own short runs and cannot resume; pass the chosen"
+                        " --rlr/--rbs (printed, and in auto_search.csv) with --grid_search or --resume")
+    args = resolved_args(args, rec_lr=resolve_rec_lr(args, args.method))
     train_dir = args.train_dir or train_dir_from_args(args, args.tlr)
+    run = load_training_run(train_dir, device)
+    data = run.config["data"]
+    num_dummy = num_dummies(args.num_dummy, args.num_imgs_per_class, bool(args.train_dir), data, args.method)
+    if args.method != "simudy":
+        return reconstruct_baseline(args, run, train_dir, recons_dir_from_args(args, args.method), num_dummy,
+                                    args.rec_lr, device)
+
+    search = None
+    if auto:
+        subset_path, train_images = os.path.join(train_dir, "train_subset.pth"), None
+        if os.path.isfile(subset_path):  # then each short run's SSIM too (the paper's Fig. 2)
+            train_images = load_checkpoint(subset_path, "training subset")["images"]
+        candidates = search_candidates(args.rlr, args.rbs, args.tlr, args.bs, args.rlr_candidates,
+                                       args.rbs_candidates)
+        search = auto_search(run, args, candidates, num_dummy, args.rec_lr, device, train_images)
+        args = resolved_args(args, rlr=search[0]["rlr"], rbs=search[0]["rbs"])
+    rlr, rbs = resolve_simulation_hparams(args)
     run_dir = recons_dir_from_args(args)
-    if args.grid_search:
-        epochs, steps_per_epoch, save_every = 1, GRID_SEARCH_STEPS, 0
-    else:
-        epochs, steps_per_epoch, save_every = args.rec_epochs, args.rec_steps_per_epoch, args.save_every
+    if search:
+        print(f"\nauto search chose --rlr {rlr:g} --rbs {rbs} (lowest loss after {GRID_SEARCH_STEPS} steps);"
+              f" run folder {run_dir}")
 
-    model, theta0, buffers, weight_change, train_config = load_training_run(train_dir, device)
-    data = train_config["data"]
-    num_dummy = args.num_imgs_per_class * data["num_classes"]
-    if args.train_dir and num_dummy != data["num_images"]:
-        num_dummy = data["num_images"]  # --train_dir given: the folder, not the flags, says how many
-    sgd = sgd_config_from_training(train_config, rlr)
-    clipped_sgd = sgd_config_from_training(train_config, rlr, args.clip_norm, args.clip_to)
-
-    # Dummies and labels come from a CPU generator, so a seed gives the same start on any device.
-    gen = torch.Generator().manual_seed(args.seed)
-    x = (torch.randn(num_dummy, *data["image_shape"], generator=gen) * INIT_SCALE).to(device)
-    labels = balanced_random_labels(num_dummy, data["num_classes"], gen).to(device)
-    x.requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=args.rec_lr, betas=ADAM_BETAS)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=COSINE_T_MAX)
-
-    log_path = os.path.join(run_dir, "log.csv")
-    start_iteration = 0
-    resume_path = os.path.join(run_dir, "resume.pth")
-    if args.resume:
-        if not os.path.isfile(resume_path):
-            raise UserError(f"nothing to resume in {run_dir} (no resume.pth); start without --resume")
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            x.copy_(state["x"].to(device))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_iteration = state["iteration"] + 1
-        labels = torch.load(os.path.join(run_dir, "labels.pth")).to(device)
-        truncate_log(log_path, start_iteration)
-        print(f"resuming {run_dir} at iteration {start_iteration}")
-    else:
-        prepare_run_dir(run_dir, args.overwrite)
-        torch.save(labels.cpu(), os.path.join(run_dir, "labels.pth"))
-        with open(log_path, "w", newline="") as f:
-            csv.DictWriter(f, fieldnames=LOG_FIELDS).writeheader()
-    backprop, graph_bytes = choose_backprop(args.backprop, model, theta0, buffers, x, labels, rbs, args.steps,
-                                            sgd)
+    x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+    setup, graph_bytes = simudy_setup(run, rlr, rbs, args, x, labels)
     if graph_bytes is not None:
-        print(f"backprop: {backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
-    write_json(os.path.join(run_dir, "config.json"), {
-        "stage": "recons", "method": "simudy", "args": vars(args), "train_dir": train_dir, "seed": args.seed,
-        "rlr": rlr, "rbs": rbs, "num_dummy": num_dummy, "simulation": vars(sgd), "backprop": backprop,
-        "versions": library_versions(), "device": str(device)})
+        print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
+    opt, sched = simudy_optimisers(x, args.rec_lr)
+    state = RunState({"x": x}, {"optimizer": opt, "scheduler": sched}, labels)
+    start = open_run(run_dir, state, args.resume, args.overwrite, device)
+    config = run_config(args, train_dir, device, rlr=rlr, rbs=rbs, num_dummy=num_dummy,
+                        simulation=vars(setup.sgd), backprop=setup.backprop)
+    if search:
+        write_csv(os.path.join(run_dir, "auto_search.csv"), search, ["rlr", "rbs", "final_loss", "avg_ssim"])
+        plot_auto_search(search, os.path.join(run_dir, "auto_search.png"))
+        config["auto_search"] = {"steps": GRID_SEARCH_STEPS, "chosen": {"rlr": rlr, "rbs": rbs},
+                                 "candidates": search}
+    elif args.resume:  # a resumed run keeps the record of the search that chose its values
+        config.update({k: v for k, v in read_json(os.path.join(run_dir, "config.json")).items()
+                       if k == "auto_search"})
+    write_json(os.path.join(run_dir, "config.json"), config)
 
-    total_iterations = epochs * steps_per_epoch
-    end_iteration = min(total_iterations, args.max_iterations or total_iterations)
-    log_file = open(log_path, "a", newline="")
-    log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
-    bar = tqdm(range(start_iteration, end_iteration), desc="recons", disable=None)
-    started, last_good, loss_value = time.time(), None, float("nan")
-    try:
-        for iteration in bar:
-            epoch, step = divmod(iteration, steps_per_epoch)
-            sim = clipped_sgd if epoch < args.clip_epochs else sgd
-            loss, match, tv, grad = reconstruction_loss_and_grad(
-                model, theta0, buffers, x, labels, weight_change, rbs, args.steps, sim, args.tv_weight,
-                args.loss_type, backprop, args.keep_every)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise UserError(f"the loss became {loss_value} at epoch {epoch} step {step}; the last good"
-                                f" snapshot is {last_good or 'none'}; lower --rec_lr or --rlr and restart")
-            log.writerow({"iteration": iteration, "epoch": epoch, "step": step, "total": loss_value,
-                          "cos": match.item(), "tv": tv.item(), "lr": sched.get_last_lr()[0],
-                          "seconds": round(time.time() - started, 3)})
-            x.grad = grad
-            opt.step()
-            sched.step()
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            last_step = iteration == total_iterations - 1
-            if (save_every and step % save_every == 0) or (last_step and not args.grid_search):
-                log_file.flush()
-                save_snapshot(run_dir, x, labels, epoch, step)
-                save_resume_state(run_dir, x, opt, sched, iteration)
-                last_good = snapshot_path(run_dir, epoch, step)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with --resume (from {last_good or 'the start'})")
-    finally:
-        log_file.close()
-    if end_iteration < total_iterations and end_iteration > start_iteration and not args.grid_search:
-        save_resume_state(run_dir, x, opt, sched, end_iteration - 1)
-        print(f"stopped after {end_iteration} iterations; continue with --resume")
     if args.grid_search:
+        iterations = min(GRID_SEARCH_STEPS, args.max_iterations or GRID_SEARCH_STEPS)
+        loss = short_run(setup, x, labels, args.rec_lr, iterations, os.path.join(run_dir, "log.csv"))
         write_json(os.path.join(run_dir, "grid_result.json"),
-                   {"rlr": rlr, "rbs": rbs, "final_loss": loss_value, "iterations": end_iteration})
-    print(f"final loss {loss_value:.5f}; run folder {run_dir}")
+                   {"rlr": rlr, "rbs": rbs, "final_loss": loss, "iterations": iterations})
+        print(final_loss_text(loss, run_dir))
+        return run_dir
+
+    steps_per_epoch = args.rec_steps_per_epoch
+    total = args.rec_epochs * steps_per_epoch
+
+    def write_snapshot(iteration):
+        epoch, step = divmod(iteration, steps_per_epoch)
+        ranking, norms = rank_by_gradient_norm(x.grad)  # the gradient this iteration took its step with
+        return save_snapshot(run_dir, epoch, x, labels, epoch, step, ranking=ranking, grad_norms=norms)
+    loss = run_to_end(run_dir, state, start, total, args.max_iterations,
+                      simudy_iteration(setup, x, labels, opt, sched, steps_per_epoch),
+                      snapshot_interval(args.save_every, "simudy"), steps_per_epoch, write_snapshot)
+    if x.grad is not None:  # at least one iteration ran in this process
+        write_ranking(os.path.join(run_dir, "ranking.csv"), *rank_by_gradient_norm(x.grad), labels)
+    print(final_loss_text(loss, run_dir))
     return run_dir
 
 

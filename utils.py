@@ -68,13 +68,34 @@ def add_training_hparam_args(parser, lr_flag):
     return g
 
 
+# The paper's Adam lr on the dummies: recons.py's 1e-2; recons_1step.py and recons_2step.py's 3e-4.
+DEFAULT_REC_LR = {"simudy": 1e-2, "one_step": 3e-4, "two_step": 3e-4}
+AUTO = "auto"  # --rlr/--rbs auto: recons.py picks the value by short runs
+
+
+def number_or_auto(kind):
+    """argparse type: 'auto' or a number of `kind` (float, int)."""
+    def parse(value):
+        return AUTO if value == AUTO else kind(value)
+    parse.__name__ = f"{kind.__name__} or auto"  # what argparse names in 'invalid ... value'
+    return parse
+
+
 def add_recons_id_args(parser):
     """Flags that name a reconstruction run (recons.py writes it, metrics/draw_pics read it)."""
     g = parser.add_argument_group("reconstruction run")
     g.add_argument("--steps", default=8, type=int, help="simulated epochs (paper code default 8)")
-    g.add_argument("--rbs", default=0, type=int, help="simulation batch size; 0 = the training's --bs")
-    g.add_argument("--rlr", default=0, type=float, help="simulation lr; 0 = the training's --tlr")
-    g.add_argument("--rec_lr", default=1e-2, type=float, help="Adam lr on the dummy images")
+    g.add_argument("--rbs", default=0, type=number_or_auto(int),
+                   help="simulation batch size; 0 = the training's --bs; auto (recons.py) = chosen by short runs")
+    g.add_argument("--rlr", default=0, type=number_or_auto(float),
+                   help="simulation lr; 0 = the training's --tlr; auto (recons.py) = chosen by short runs")
+    g.add_argument("--rec_lr", default=None, type=float,
+                   help="Adam lr on the dummy images; default the paper's: 1e-2 SimuDy, 3e-4 the baselines")
+    g.add_argument("--rec_lambda_lr", default=1e-6, type=float,
+                   help="SGD lr on the baselines' dual variables (paper code)")
+    g.add_argument("--num_dummy", default=None, type=int,
+                   help="dummies to reconstruct when the dataset size is unknown; default the training's N"
+                        " (SimuDy) or 2N (baselines); a given value adds _ndummy<M> to the folder name")
     g.add_argument("--train_dir", default=None,
                    help="training run folder; default derived from the flags above")
     g.add_argument("--recons_dir", default=None,
@@ -140,8 +161,17 @@ def train_dir_from_args(args, lr):
 
 
 def resolve_simulation_hparams(args):
-    """rlr/rbs of 0 mean 'the training's' (paper code)."""
+    """rlr/rbs of 0 mean 'the training's' (paper code); 'auto' is recons.py's to resolve."""
+    for flag in ("rlr", "rbs"):
+        if getattr(args, flag) == AUTO:
+            raise UserError(f"--{flag} auto names no run folder; pass the value recons.py chose"
+                            f" (printed, and in the run's auto_search.csv)")
     return (args.rlr or args.tlr), (args.rbs or args.bs)
+
+
+def resolve_rec_lr(args, method):
+    """--rec_lr, or the paper's default for the method."""
+    return DEFAULT_REC_LR[method] if args.rec_lr is None else args.rec_lr
 
 
 def recons_dir_from_args(args, method="simudy"):
@@ -149,11 +179,14 @@ def recons_dir_from_args(args, method="simudy"):
     if getattr(args, "recons_dir", None):
         return args.recons_dir
     train_name = os.path.basename(os.path.normpath(train_dir_from_args(args, args.tlr)))
-    rlr, rbs = resolve_simulation_hparams(args)
+    rec_lr = resolve_rec_lr(args, method)
     if method == "simudy":
-        name = f"{train_name}_nsteps{args.steps}_rbs{rbs}_rlr{rlr}_reclr{args.rec_lr}"
+        rlr, rbs = resolve_simulation_hparams(args)
+        name = f"{train_name}_nsteps{args.steps}_rbs{rbs}_rlr{rlr}_reclr{rec_lr}"
     else:
-        name = f"{train_name}_{method}_reclr{args.rec_lr}"
+        name = f"{train_name}_{method}_reclr{rec_lr}"
+    if getattr(args, "num_dummy", None):
+        name += f"_ndummy{args.num_dummy}"
     if getattr(args, "grid_search", 0):
         name += "_grid"
     return os.path.join(CKPT_ROOT, "recover_x", name)
@@ -438,16 +471,25 @@ def denormalise(x, mean, std):
 # grid_search.sh's summary: reads each short run's grid_result.json (never log text).
 
 
+def print_candidates(rows):
+    """Sort the short runs' rows (rlr, rbs, final_loss[, avg_ssim]) by final loss, diverged last; print them
+    as a table and return the sorted rows (the first is the paper's choice)."""
+    rows = sorted(rows, key=lambda r: (not np.isfinite(r["final_loss"]), r["final_loss"]))
+    with_ssim = any(r.get("avg_ssim") is not None for r in rows)
+    print(f"\n{'rlr':>8} {'rbs':>5} {'final loss':>12}" + (f" {'avg SSIM':>9}" if with_ssim else ""))
+    for r in rows:
+        print(f"{r['rlr']:>8g} {r['rbs']:>5d} {r['final_loss']:>12.6f}"
+              + (f" {r['avg_ssim']:>9.4f}" if with_ssim else ""))
+    return rows
+
+
 def summarise_grid_search(grid_dir, run_dirs):
     """Print the candidates sorted by final loss, write grid_search.csv/json, return the best row."""
     rows = []
     for d in run_dirs:
         result = read_json(os.path.join(d, "grid_result.json"), what="grid-search (recons.py --grid_search 1)")
         rows.append({"rlr": result["rlr"], "rbs": result["rbs"], "final_loss": result["final_loss"], "dir": d})
-    rows.sort(key=lambda r: (not np.isfinite(r["final_loss"]), r["final_loss"]))
-    print(f"\n{'rlr':>8} {'rbs':>5} {'final loss':>12}")
-    for r in rows:
-        print(f"{r['rlr']:>8g} {r['rbs']:>5d} {r['final_loss']:>12.6f}")
+    rows = print_candidates(rows)
     best = rows[0]
     print(f"\nsuggested: --rlr {best['rlr']:g} --rbs {best['rbs']}  (lowest loss after the short runs)")
     os.makedirs(grid_dir, exist_ok=True)
