@@ -5,7 +5,7 @@ Each (model, images, backprop) cell runs in its own process, so its peak is its 
 theta0 is the model's initialisation with BN statistics from one train-mode pass and the target change
 is random: neither changes the cost. Clipping is off (the paper clips only in the first 5 outer epochs).
 
-    python benchmarks/memory.py                       # the README's table (CPU: ~15 min)
+    python benchmarks/memory.py                       # the README's table (CPU: ~17 min)
     python benchmarks/memory.py --images 20 120 --models resnet18
 """
 import argparse

@@ -2,7 +2,7 @@
 configurations, one table.
 
     python benchmarks/quality.py --configs A            # MLP on 20 Fashion-MNIST images
-    python benchmarks/quality.py --configs A B C --preset paper
+    python benchmarks/quality.py --configs A --extra "--tv_weight 2e-3" --label "TV 2e-3"
 
 A: MLP-1000-1000, Fashion-MNIST, 2 images per class, lr 1e-2, bs 20.
 B: ResNet-18 width 16, theta0 pretrained on CIFAR-10 images disjoint from the subset (the shared
