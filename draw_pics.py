@@ -12,7 +12,7 @@ import os
 import torch
 
 from metrics import add_metrics_args, metrics_dir_from_args, snapshot_path_from_args
-from utils import UserError, denormalise, load_checkpoint, run_main
+from utils import UserError, denormalise, load_checkpoint, parse_with_preset, run_main
 
 
 def figure_rows(recons, train, per_row):
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     g.add_argument("--sort", default="none", choices=["none", "ssim"],
                    help="none = training-subset order; ssim = best-matched pairs first")
     g.add_argument("--per_row", default=10, type=int, help="images per row")
-    return parser.parse_args(argv)
+    return parse_with_preset(parser, argv)
 
 
 def main(args):

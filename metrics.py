@@ -20,7 +20,8 @@ from scipy.optimize import linear_sum_assignment
 
 from utils import (UserError, add_data_args, add_eval_args, add_model_args, add_recons_id_args,
                    add_runtime_args, add_training_hparam_args, denormalise, load_checkpoint,
-                   pick_device, read_json, recons_dir_from_args, run_main, write_csv, write_json)
+                   parse_with_preset, pick_device, read_json, recons_dir_from_args, run_main, write_csv,
+                   write_json)
 
 SSIM_WINDOW = 7  # skimage's default win_size
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -256,7 +257,8 @@ def select_top(snap, top):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    return add_metrics_args(parser).parse_args(argv)
+    add_metrics_args(parser)
+    return parse_with_preset(parser, argv)
 
 
 def main(args):

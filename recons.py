@@ -5,9 +5,10 @@ labels. Each iteration simulates the training on them (same lr, batch size, `--s
 SGD) and moves the dummies so that the simulated change theta0 - theta_hat_f points the way of
 theta0 - theta_f:
     loss = 1 - cos(theta0 - theta_hat_f, theta0 - theta_f) + tv_weight * sum_batches TV(x_batch)
---num_dummy M reconstructs M dummies when the dataset size is unknown and ranks them by the norm of the
-loss gradient on each (the paper's appendix); --rlr auto / --rbs auto pick the simulation's lr and
-batch size by the paper's short runs before the full one.
+--num_dummy M reconstructs M dummies when the dataset size is unknown and ranks them by the norm of their
+total gradient over the simulated training (the paper's appendix); --rlr auto / --rbs auto pick the
+simulation's lr and batch size by the paper's short runs before the full one. --preset picks the recipe
+for the dummies' optimisation (paper, or fast).
 
 Baselines, as the paper's recons_1step.py / recons_2step.py re-implemented them: 2N candidates with
 dual variables lambda, matching grad_theta sum_i lambda_i loss(x_i, y_i) at theta_f (one_step, Buzaglo
@@ -30,9 +31,9 @@ from tqdm import tqdm
 
 from models import build_model
 from utils import (AUTO, UserError, add_data_args, add_model_args, add_recons_id_args, add_runtime_args,
-                   add_training_hparam_args, library_versions, load_checkpoint, pick_device, prepare_run_dir,
-                   print_candidates, read_json, recons_dir_from_args, resolve_rec_lr, resolve_simulation_hparams,
-                   run_main, set_seed, train_dir_from_args, write_csv, write_json)
+                   add_training_hparam_args, library_versions, load_checkpoint, parse_with_preset, pick_device,
+                   prepare_run_dir, print_candidates, read_json, recons_dir_from_args, resolve_rec_lr,
+                   resolve_simulation_hparams, run_main, set_seed, train_dir_from_args, write_csv, write_json)
 
 # The paper code's constants, as named defaults.
 INIT_SCALE = 0.5          # dummy images start as randn * 0.5
@@ -84,6 +85,9 @@ def parse_args(argv=None):
                    help="weight of total variation (the paper code's effective 0.1*0.01)")
     g.add_argument("--rec_epochs", default=20, type=int, help="outer epochs (paper code: 20)")
     g.add_argument("--rec_steps_per_epoch", default=1500, type=int, help="iterations per outer epoch")
+    g.add_argument("--schedule", default="paper", choices=["paper", "cosine"],
+                   help="Adam lr schedule: paper = CosineAnnealingLR(T_max=100) stepped every iteration"
+                        " (periodic); cosine = one decay to 0 over all iterations")
     g.add_argument("--save_every", default=None, type=int,
                    help=f"snapshot every N steps; default {SAVE_EVERY['simudy']} (SimuDy, <epoch>_<step>.pth)"
                         f" or {SAVE_EVERY['baseline']} (baselines, x_<step>.pth), as the paper code")
@@ -100,6 +104,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the last snapshot of the run")
     g.add_argument("--max_iterations", default=0, type=int,
                    help="stop (resumably) after this many iterations in total; 0 = run to the end")
+    g.add_argument("--max_minutes", default=0, type=float,
+                   help="stop (resumably, with a snapshot) after this many minutes of iterations; 0 = no limit")
     g = p.add_argument_group("--rlr auto / --rbs auto (the paper's selection, in-process)")
     g.add_argument("--rlr_candidates", default=None, type=float, nargs="+",
                    help="simulation lrs to try; default the paper's 0.020 down to 0.001 in steps of 0.001")
@@ -108,7 +114,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("baselines (--method one_step / two_step)")
     g.add_argument("--baseline_steps", default=BASELINE_STEPS, type=int,
                    help="optimisation steps (paper code: 100,000)")
-    return p.parse_args(argv)
+    return parse_with_preset(p, argv)
 
 
 def loss_type_name(value):
@@ -507,13 +513,14 @@ def open_run(run_dir, state, resume, overwrite, device):
     return start
 
 
-def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfinite=False):
+def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfinite=False, deadline=None):
     """The outer loop: iterate(i) computes the loss, moves the dummies and returns the log row; a log.csv
     row per iteration; save(i) writes a snapshot when one is due and returns its path (else None).
 
     A non-finite loss ends the run with a one-line error naming the last good snapshot, or with
     `stop_on_nonfinite` (short runs) a last row of total nan. Ctrl-C ends a run that saves resumably.
-    Returns (last row or None, whether the loop ran to its end)."""
+    The loop also ends after the first iteration that finishes past `deadline` (a time.time() value).
+    Returns (last row or None, whether the loop ended without Ctrl-C)."""
     log_file = open(log_path, "a", newline="") if log_path else None
     log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS) if log_file else None
     bar = tqdm(iterations, desc="recons", disable=None)
@@ -533,6 +540,8 @@ def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfin
                 log_file.flush()  # before a snapshot's resume state, so the log never lags it
             bar.set_postfix(loss=f"{row['total']:.4f}", refresh=False)
             last_good = (save(iteration) if save else None) or last_good
+            if deadline is not None and time.time() >= deadline:
+                break
     except KeyboardInterrupt:
         if save is None:  # a short run has nothing to resume from: end the whole search
             raise
@@ -545,11 +554,13 @@ def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfin
 
 
 def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every, steps_per_epoch,
-               write_snapshot):
-    """Iterations start .. total (or --max_iterations), with a snapshot (write_snapshot(i) -> its path) and
-    the resume state every `save_every` steps of an outer epoch (0: none) and at the last iteration; a run
-    stopped by --max_iterations can be resumed. Returns the last loss (nan if no iteration ran)."""
+               write_snapshot, max_minutes=0):
+    """Iterations start .. total, with a snapshot (write_snapshot(i) -> its path) and the resume state every
+    `save_every` steps of an outer epoch (0: none) and at the last iteration. A run stopped early by
+    --max_iterations or --max_minutes writes both at its last iteration, so it can be scored and resumed.
+    Returns the last loss (nan if no iteration ran)."""
     end = min(total, max_iterations or total)
+    deadline = time.time() + 60 * max_minutes if max_minutes else None
 
     def save(iteration):
         if not ((save_every and iteration % steps_per_epoch % save_every == 0) or iteration == total - 1):
@@ -557,10 +568,13 @@ def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every
         path = write_snapshot(iteration)
         save_resume_state(run_dir, state, iteration)
         return path
-    row, finished = run_iterations(iterate, range(start, end), os.path.join(run_dir, "log.csv"), save)
-    if finished and start < end < total:
-        save_resume_state(run_dir, state, end - 1)
-        print(f"stopped after {end} iterations; continue with --resume")
+    row, finished = run_iterations(iterate, range(start, end), os.path.join(run_dir, "log.csv"), save,
+                                   deadline=deadline)
+    last = row["iteration"] if row else None
+    if finished and last is not None and last < total - 1:
+        path = write_snapshot(last)
+        save_resume_state(run_dir, state, last)
+        print(f"stopped after {last + 1} of {total} iterations (snapshot {path}); continue with --resume")
     return float("nan") if row is None else row["total"]
 
 
@@ -571,7 +585,9 @@ def snapshot_interval(requested, kind):
 
 def run_config(args, train_dir, device, **fields):
     return {"stage": "recons", "method": args.method, "args": vars(args), "train_dir": train_dir,
-            "seed": args.seed, **fields, "versions": library_versions(), "device": str(device)}
+            "seed": args.seed, **fields, "versions": library_versions(), "device": str(device),
+            "cpu_threads": torch.get_num_threads(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # set per job by grid_search.sh
 
 
 def final_loss_text(loss, run_dir):
@@ -607,13 +623,17 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
                        args.clip_epochs, args.tv_weight, args.loss_type, backprop, args.keep_every), graph_bytes
 
 
-def simudy_optimisers(x, rec_lr):
+def simudy_optimisers(x, rec_lr, schedule="paper", total=None):
+    """Adam on the dummies and its lr schedule, stepped every iteration. "paper": CosineAnnealingLR(T_max=100),
+    which is periodic (the lr returns to rec_lr every 200 iterations); "cosine": one decay from rec_lr to 0
+    over the run's `total` iterations, so the run ends at a small lr instead of on a peak."""
     opt = torch.optim.Adam([x], lr=rec_lr, betas=ADAM_BETAS)
-    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=COSINE_T_MAX)
+    t_max = COSINE_T_MAX if schedule == "paper" or not total else total
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
 
 
 def simudy_iteration(setup, x, labels, opt, sched, steps_per_epoch):
-    """iterate(i) for run_iterations: one SimuDy step; the loss gradient stays in x.grad (for the ranking)."""
+    """iterate(i) for run_iterations: one SimuDy step (the loss gradient stays in x.grad)."""
     run = setup.run
 
     def iterate(iteration):
@@ -641,11 +661,55 @@ def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
     return float("nan") if row is None else row["total"]
 
 
-def rank_by_gradient_norm(grad):
-    """(ranking, norms): dummy indices by descending ||d loss / d x_j||, and the norms. Dummies that match
-    training images carry large gradients (the paper's appendix: 1.55 on average vs 0.55 unmatched)."""
-    norms = grad.detach().flatten(1).norm(dim=1).cpu()
-    return torch.argsort(norms, descending=True, stable=True), norms
+RANKING_BUDGET_BYTES = 256 * 2**20  # per-dummy gradient sums held at once; more dummies = more passes
+
+
+def total_gradient_norms(model, theta0, buffers, x, labels, rbs, epochs, sgd, budget=RANKING_BUDGET_BYTES):
+    """||sum_t grad_theta loss(theta_t; x_j, y_j)|| for every dummy j: its total gradient over the simulated
+    training (theta_t along the simulation without a graph), the quantity the paper's appendix ranks by
+    (matched dummies 1.55 on average, unmatched 0.55). Per-dummy gradients use BatchNorm's running
+    statistics and no clip. Dummies are taken in chunks whose sums fit in `budget` bytes, one graph-free
+    simulation per chunk, so memory stays bounded whatever the number of dummies."""
+    from torch.func import grad, vmap
+    x, labels = x.detach(), labels.detach()
+    batches = list(zip(x.split(rbs), labels.split(rbs)))
+    names = list(theta0)
+    param_bytes = sum(p.numel() * p.element_size() for p in theta0.values())
+    chunk = max(1, budget // param_bytes)
+    was_training = model.training
+
+    def sample_loss(params, xi, yi, bufs):
+        return F.cross_entropy(functional_call(model, {**params, **bufs}, (xi[None],)), yi[None])
+    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, None))
+    norms = []
+    for lo in range(0, len(x), chunk):
+        hi = min(lo + chunk, len(x))
+        sums = {k: torch.zeros((hi - lo, *v.shape), device=v.device, dtype=v.dtype) for k, v in theta0.items()}
+        params, velocity = [theta0[k].detach() for k in names], None
+        bufs = {k: v.clone() for k, v in buffers.items()}
+        for _ in range(epochs):
+            start = 0
+            for xb, yb in batches:
+                a, b = max(lo, start), min(hi, start + len(xb))
+                if a < b:  # this batch holds dummies of the chunk: add their gradients at theta_t
+                    model.eval()
+                    g = per_sample_grads(dict(zip(names, params)), xb[a - start:b - start], yb[a - start:b - start],
+                                         bufs)
+                    for k in names:
+                        sums[k][a - lo:b - lo] += g[k].detach()
+                model.train(sgd.bn_train)
+                params, velocity, _ = sgd_step(model, params, velocity, bufs, xb, yb, sgd)
+                params = [p.detach() for p in params]
+                velocity = None if velocity is None else [v.detach() for v in velocity]
+                start += len(xb)
+        norms.append(torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in sums.values())))
+    model.train(was_training)
+    return torch.cat(norms).cpu()
+
+
+def rank_dummies(norms):
+    """Dummy indices by descending total-gradient norm (ties keep index order)."""
+    return torch.argsort(norms, descending=True, stable=True)
 
 
 def write_ranking(path, ranking, norms, labels):
@@ -802,7 +866,8 @@ def reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, rec_lr, devic
                       baseline_iteration(run, points, x, labels, duals, opt, sched, dual_opt),
                       snapshot_interval(args.save_every, "baseline"), total,
                       lambda i: save_snapshot(run_dir, "x", x, labels, 0, i,
-                                              duals={k: v.detach().cpu().clone() for k, v in duals.items()}))
+                                              duals={k: v.detach().cpu().clone() for k, v in duals.items()}),
+                      args.max_minutes)
     print(final_loss_text(loss, run_dir))
     return run_dir
 
@@ -854,7 +919,7 @@ def main(args):
     setup, graph_bytes = simudy_setup(run, rlr, rbs, args, x, labels)
     if graph_bytes is not None:
         print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
-    opt, sched = simudy_optimisers(x, args.rec_lr)
+    opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, args.rec_epochs * args.rec_steps_per_epoch)
     state = RunState({"x": x}, {"optimizer": opt, "scheduler": sched}, labels)
     start = open_run(run_dir, state, args.resume, args.overwrite, device)
     config = run_config(args, train_dir, device, rlr=rlr, rbs=rbs, num_dummy=num_dummy,
@@ -880,15 +945,24 @@ def main(args):
     steps_per_epoch = args.rec_steps_per_epoch
     total = args.rec_epochs * steps_per_epoch
 
+    def dummy_norms():  # the unknown-N ranking (--num_dummy); the simulation's sgd, clip off
+        return total_gradient_norms(run.model, run.theta0, run.buffers, x, labels, setup.rbs, setup.epochs,
+                                    setup.sgd)
+
     def write_snapshot(iteration):
         epoch, step = divmod(iteration, steps_per_epoch)
-        ranking, norms = rank_by_gradient_norm(x.grad)  # the gradient this iteration took its step with
-        return save_snapshot(run_dir, epoch, x, labels, epoch, step, ranking=ranking, grad_norms=norms)
+        ranked = {}
+        if args.num_dummy:
+            norms = dummy_norms()
+            ranked = {"ranking": rank_dummies(norms), "grad_norms": norms}
+        return save_snapshot(run_dir, epoch, x, labels, epoch, step, **ranked)
     loss = run_to_end(run_dir, state, start, total, args.max_iterations,
                       simudy_iteration(setup, x, labels, opt, sched, steps_per_epoch),
-                      snapshot_interval(args.save_every, "simudy"), steps_per_epoch, write_snapshot)
-    if x.grad is not None:  # at least one iteration ran in this process
-        write_ranking(os.path.join(run_dir, "ranking.csv"), *rank_by_gradient_norm(x.grad), labels)
+                      snapshot_interval(args.save_every, "simudy"), steps_per_epoch, write_snapshot,
+                      args.max_minutes)
+    if args.num_dummy:
+        norms = dummy_norms()
+        write_ranking(os.path.join(run_dir, "ranking.csv"), rank_dummies(norms), norms, labels)
     print(final_loss_text(loss, run_dir))
     return run_dir
 

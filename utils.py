@@ -81,9 +81,32 @@ def number_or_auto(kind):
     return parse
 
 
+# Named reconstruction recipes: defaults of recons.py's (and metrics.py's) flags. "paper" is the paper
+# code's recipe, every flag's own default. "fast" is what benchmarks/quality.py measured to reach a good
+# reconstruction in far fewer CPU-minutes (benchmarks/README.md has each idea and its effect). A preset
+# changes only the outer optimisation of the dummies, never the simulated training. Explicit flags win.
+PRESETS = {
+    "paper": {},
+    "fast": {"schedule": "cosine", "rec_epochs": 4, "rec_steps_per_epoch": 200, "clip_epochs": 1,
+             "tv_weight": 2e-3, "snapshot": "last"},
+}
+
+
+def parse_with_preset(parser, argv=None):
+    """parser.parse_args with the chosen --preset's values as the defaults of the flags this parser has."""
+    chosen = parser.parse_known_args(argv)[0].preset
+    dests = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in PRESETS[chosen].items() if k in dests})
+    return parser.parse_args(argv)
+
+
 def add_recons_id_args(parser):
     """Flags that name a reconstruction run (recons.py writes it, metrics/draw_pics read it)."""
     g = parser.add_argument_group("reconstruction run")
+    g.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="recipe for the dummies' optimisation: paper (the paper code's) or fast (fewer"
+                        " iterations, one cosine decay; see README); a non-paper preset adds _<preset> to"
+                        " the folder name")
     g.add_argument("--steps", default=8, type=int, help="simulated epochs (paper code default 8)")
     g.add_argument("--rbs", default=0, type=number_or_auto(int),
                    help="simulation batch size; 0 = the training's --bs; auto (recons.py) = chosen by short runs")
@@ -185,6 +208,8 @@ def recons_dir_from_args(args, method="simudy"):
         name = f"{train_name}_nsteps{args.steps}_rbs{rbs}_rlr{rlr}_reclr{rec_lr}"
     else:
         name = f"{train_name}_{method}_reclr{rec_lr}"
+    if getattr(args, "preset", "paper") != "paper" and method == "simudy":
+        name += f"_{args.preset}"
     if getattr(args, "num_dummy", None):
         name += f"_ndummy{args.num_dummy}"
     if getattr(args, "grid_search", 0):
@@ -496,3 +521,36 @@ def summarise_grid_search(grid_dir, run_dirs):
     write_csv(os.path.join(grid_dir, "grid_search.csv"), rows, ["rlr", "rbs", "final_loss", "dir"])
     write_json(os.path.join(grid_dir, "grid_search.json"), {"best": best, "candidates": rows})
     return best
+
+
+def run_recons(argv):
+    """One recons.py run in this process (a submitit job's function). Returns its run folder."""
+    import recons  # the job's own import: utils must not import the stages at module level
+    return recons.main(recons.parse_args(argv))
+
+
+def submit_grid_search(argvs, folder, cluster=None, timeout_min=60, partition=None, gpus_per_job=0):
+    """grid_search.sh's cluster path (LAUNCHER=submitit): one recons.py run per argv as a submitit job
+    array (SLURM when available, cluster="local" runs them as local processes), then wait for all.
+    Returns the argvs whose jobs failed; each failure is printed."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("LAUNCHER=submitit needs submitit; pip install submitit, or drop LAUNCHER") from None
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster or None)
+    params = {"timeout_min": timeout_min}
+    if executor.cluster == "slurm":
+        params.update({"slurm_partition": partition} if partition else {})
+        params.update({"gpus_per_node": gpus_per_job} if gpus_per_job else {})
+    executor.update_parameters(**params)
+    jobs = executor.map_array(run_recons, argvs)
+    print(f"submitted {len(jobs)} {executor.cluster} jobs; logs in {folder}")
+    failed = []
+    for job, argv in zip(jobs, argvs):
+        try:
+            job.result()
+        except Exception as err:  # a job's failure is reported, the others still count
+            failed.append(argv)
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            print(f"grid_search.sh: job {job.job_id} ({' '.join(argv[-8:])}) failed: {last}", file=sys.stderr)
+    return failed

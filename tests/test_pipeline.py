@@ -199,3 +199,47 @@ def test_scripts_exit_with_one_line_message(mlp_run):
                           ["--tlr", "0.05", "--bs", "9"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("parallel", [{"JOBS": "2"}, {"GPUS": "0,1"}])
+def test_grid_search_in_parallel(cifar_cwd, parallel):
+    """JOBS=2 splits the cores between two workers; GPUS=0,1 gives each worker one device through
+    CUDA_VISIBLE_DEVICES (recorded in each run's config.json). Same table as a sequential sweep."""
+    run(train, ["--num_imgs_per_class", 1, "--bs", 10, "--lr", 1e-2] + TINY_RESNET)
+    env = dict(os.environ, PYTHON=sys.executable, LR_LIST="0.02 0.03 0.01", BS_LIST="10", **parallel,
+               ARGS="--num_imgs_per_class 1 --tlr 1e-2 --bs 10 --steps 1 --rec_lr 1e-2 --width 4 --device cpu")
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "grid_search.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 short runs, 2 at a time" in proc.stdout
+    configs = {lr: json.load(open(f"ckpts/grid_search/rlr{lr}_rbs10/config.json")) for lr in ("0.02", "0.03", "0.01")}
+    assert all(os.path.isfile(f"ckpts/grid_search/rlr{lr}_rbs10.log") for lr in configs)
+    if "GPUS" in parallel:  # worker 0 takes candidates 0 and 2, worker 1 candidate 1
+        assert [configs[lr]["cuda_visible_devices"] for lr in ("0.02", "0.03", "0.01")] == ["0", "1", "0"]
+    else:
+        assert all(c["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2) for c in configs.values())
+    table = json.load(open("ckpts/grid_search/grid_search.json"))["candidates"]
+    assert len(table) == 3 and table[0]["final_loss"] == min(c["final_loss"] for c in table)
+
+
+def test_grid_search_through_submitit_local(cifar_cwd):
+    """LAUNCHER=submitit in submitit's local mode (the SLURM path's stand-in): one job per candidate, the
+    same table; a failing candidate is reported and makes the sweep exit 1."""
+    pytest.importorskip("submitit")
+    run(train, ["--num_imgs_per_class", 1, "--bs", 10, "--lr", 1e-2] + TINY_RESNET)
+    env = dict(os.environ, PYTHON=sys.executable, LR_LIST="0.02 0.01", BS_LIST="10", LAUNCHER="submitit",
+               SUBMITIT_CLUSTER="local",
+               ARGS="--num_imgs_per_class 1 --tlr 1e-2 --bs 10 --steps 1 --rec_lr 1e-2 --width 4 --device cpu")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "grid_search.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "submitted 2 local jobs" in proc.stdout
+    table = json.load(open("ckpts/grid_search/grid_search.json"))["candidates"]
+    assert sorted(c["rlr"] for c in table) == [0.01, 0.02]
+    assert os.path.isdir("ckpts/grid_search/submitit")
+    # flags naming no training run (another width): every job fails, the sweep says so and exits 1
+    env["ARGS"] = env["ARGS"].replace("--width 4", "--width 8")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "grid_search.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "failed" in proc.stderr
