@@ -200,6 +200,23 @@ def _direction(grads, params, velocity, sgd):
     return grads
 
 
+def step_schedule(num_batches, epochs):
+    """The batch index of every simulated step: the batches in order, `epochs` times (shuffle=False)."""
+    return [b for _ in range(epochs) for b in range(num_batches)]
+
+
+def graph_free_steps(model, theta0, buffers, batches, epochs, sgd):
+    """The simulation without a graph, a step at a time: yields (t, batch index, theta_t, velocity before
+    the step, lr * update of the step). `buffers` are updated in place in train-mode BN (pass a copy)."""
+    params, velocity = [theta0[n].detach() for n in _names(model)], None
+    for t, b in enumerate(step_schedule(len(batches), epochs)):
+        x, y = batches[b]
+        model.train(sgd.bn_train)  # a consumer may switch modes between steps
+        new_params, new_velocity, update = sgd_step(model, params, velocity, buffers, x.detach(), y, sgd)
+        yield t, b, params, velocity, update
+        params, velocity = new_params, new_velocity
+
+
 def simulate_training_recompute(model, theta0, buffers, batches, epochs, sgd, loss_of_change, keep_every=1):
     """Memory-flat gradient of loss_of_change(theta0 - theta_hat_final) w.r.t. the batch images.
 
@@ -216,24 +233,20 @@ def simulate_training_recompute(model, theta0, buffers, batches, epochs, sgd, lo
     Returns (loss value tensor, list of image gradients per batch, final buffers).
     """
     names = _names(model)
-    model.train(sgd.bn_train)
     run_buffers = {k: v.clone() for k, v in buffers.items()} if sgd.bn_train else buffers
-    schedule = [b for _ in range(epochs) for b in range(len(batches))]
-    params, velocity = [theta0[n].detach() for n in names], None
-    displacement = [torch.zeros_like(p) for p in params]
+    schedule = step_schedule(len(batches), epochs)
+    displacement = [torch.zeros_like(theta0[n]) for n in names]
     kept = {}
-    for t, b in enumerate(schedule):
+    for t, _, params, velocity, update in graph_free_steps(model, theta0, run_buffers, batches, epochs, sgd):
         if t % keep_every == 0:
             kept[t] = (params, velocity)
-        x, y = batches[b]
-        params, velocity, update = sgd_step(model, params, velocity, run_buffers, x.detach(), y, sgd)
         displacement = [d + u for d, u in zip(displacement, update)]
 
     change = flat(displacement).requires_grad_(True)
     loss = loss_of_change(change)
     (dloss_dchange,) = torch.autograd.grad(loss, [change])
     # theta_T = theta0 - change, so dL/dtheta_T = -dL/dchange
-    a_theta = [-a.view_as(p) for a, p in zip(dloss_dchange.split([p.numel() for p in params]), params)]
+    a_theta = [-a.view_as(d) for a, d in zip(dloss_dchange.split([d.numel() for d in displacement]), displacement)]
     a_v = None
     image_grads = [torch.zeros_like(x) for x, _ in batches]
     scratch = {k: v.clone() for k, v in buffers.items()} if sgd.bn_train else buffers
@@ -562,18 +575,22 @@ def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every
     end = min(total, max_iterations or total)
     deadline = time.time() + 60 * max_minutes if max_minutes else None
 
-    def save(iteration):
-        if not ((save_every and iteration % steps_per_epoch % save_every == 0) or iteration == total - 1):
+    def due(iteration):
+        return (save_every and iteration % steps_per_epoch % save_every == 0) or iteration == total - 1
+
+    saved = {}  # iteration -> snapshot path
+
+    def save(iteration, stopping=False):
+        if not (due(iteration) or stopping):
             return None
-        path = write_snapshot(iteration)
+        saved[iteration] = write_snapshot(iteration)
         save_resume_state(run_dir, state, iteration)
-        return path
+        return saved[iteration]
     row, finished = run_iterations(iterate, range(start, end), os.path.join(run_dir, "log.csv"), save,
                                    deadline=deadline)
     last = row["iteration"] if row else None
     if finished and last is not None and last < total - 1:
-        path = write_snapshot(last)
-        save_resume_state(run_dir, state, last)
+        path = saved.get(last) or save(last, stopping=True)
         print(f"stopped after {last + 1} of {total} iterations (snapshot {path}); continue with --resume")
     return float("nan") if row is None else row["total"]
 
@@ -685,23 +702,14 @@ def total_gradient_norms(model, theta0, buffers, x, labels, rbs, epochs, sgd, bu
     for lo in range(0, len(x), chunk):
         hi = min(lo + chunk, len(x))
         sums = {k: torch.zeros((hi - lo, *v.shape), device=v.device, dtype=v.dtype) for k, v in theta0.items()}
-        params, velocity = [theta0[k].detach() for k in names], None
         bufs = {k: v.clone() for k, v in buffers.items()}
-        for _ in range(epochs):
-            start = 0
-            for xb, yb in batches:
-                a, b = max(lo, start), min(hi, start + len(xb))
-                if a < b:  # this batch holds dummies of the chunk: add their gradients at theta_t
-                    model.eval()
-                    g = per_sample_grads(dict(zip(names, params)), xb[a - start:b - start], yb[a - start:b - start],
-                                         bufs)
-                    for k in names:
-                        sums[k][a - lo:b - lo] += g[k].detach()
-                model.train(sgd.bn_train)
-                params, velocity, _ = sgd_step(model, params, velocity, bufs, xb, yb, sgd)
-                params = [p.detach() for p in params]
-                velocity = None if velocity is None else [v.detach() for v in velocity]
-                start += len(xb)
+        for _, b, params, _, _ in graph_free_steps(model, theta0, bufs, batches, epochs, sgd):
+            a, z = max(lo, b * rbs), min(hi, (b + 1) * rbs)  # the chunk's dummies in batch b
+            if a < z:  # this batch holds dummies of the chunk: add their gradients at theta_t
+                model.eval()
+                g = per_sample_grads(dict(zip(names, params)), x[a:z], labels[a:z], bufs)
+                for k in names:
+                    sums[k][a - lo:z - lo] += g[k].detach()
         norms.append(torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in sums.values())))
     model.train(was_training)
     return torch.cat(norms).cpu()
@@ -949,20 +957,20 @@ def main(args):
         return total_gradient_norms(run.model, run.theta0, run.buffers, x, labels, setup.rbs, setup.epochs,
                                     setup.sgd)
 
+    ranked = {}  # the newest snapshot's ranking, for ranking.csv
+
     def write_snapshot(iteration):
         epoch, step = divmod(iteration, steps_per_epoch)
-        ranked = {}
         if args.num_dummy:
             norms = dummy_norms()
-            ranked = {"ranking": rank_dummies(norms), "grad_norms": norms}
+            ranked.update(ranking=rank_dummies(norms), grad_norms=norms)
         return save_snapshot(run_dir, epoch, x, labels, epoch, step, **ranked)
     loss = run_to_end(run_dir, state, start, total, args.max_iterations,
                       simudy_iteration(setup, x, labels, opt, sched, steps_per_epoch),
                       snapshot_interval(args.save_every, "simudy"), steps_per_epoch, write_snapshot,
                       args.max_minutes)
-    if args.num_dummy:
-        norms = dummy_norms()
-        write_ranking(os.path.join(run_dir, "ranking.csv"), rank_dummies(norms), norms, labels)
+    if ranked:  # every run that ends or stops writes a snapshot at its last iteration
+        write_ranking(os.path.join(run_dir, "ranking.csv"), ranked["ranking"], ranked["grad_norms"], labels)
     print(final_loss_text(loss, run_dir))
     return run_dir
 

@@ -20,6 +20,8 @@ times by up to 10x.
 """
 import argparse
 import contextlib
+import csv
+import glob
 import json
 import os
 import sys
@@ -74,8 +76,6 @@ def working_directory(path):
 def ssim_curve(recons_dir):
     """[(iteration, seconds into the reconstruction, avg SSIM)] for every snapshot of a SimuDy run: where
     quality peaks, and when."""
-    import csv
-    import glob
     import torch
     from recons import paper_avg_ssim
     with open(os.path.join(recons_dir, "config.json")) as f:
@@ -106,7 +106,7 @@ def run_config(name, args):
     import train
     shared, train_only, goal_minutes = CONFIGS[name]
     minutes = args.minutes or goal_minutes
-    schedule = [f for flag, value in (("--rec_epochs", args.rec_epochs),
+    iteration_flags = [f for flag, value in (("--rec_epochs", args.rec_epochs),
                                       ("--rec_steps_per_epoch", args.rec_steps_per_epoch)) if value
                 for f in (flag, str(value))]
     method = ["--method", args.method] if args.method != "simudy" else ["--preset", args.preset]
@@ -115,7 +115,7 @@ def run_config(name, args):
         start = time.time()
         train.main(train.parse_args(shared + train_only + ["--overwrite"]))
         trained = time.time()
-        recons_args = recons.parse_args(shared + method + schedule + args.extra.split() + [
+        recons_args = recons.parse_args(shared + method + iteration_flags + args.extra.split() + [
             "--tlr", "1e-2", "--max_minutes", str(minutes), "--overwrite"])
         recons_dir = recons.main(recons_args)
         reconstructed = time.time()
