@@ -92,11 +92,18 @@ PRESETS = {
 }
 
 
+# A preset's default that an explicit choice of another flag overrides: the fast preset scores the last
+# snapshot, unless the user names one with the paper's --eval_epoch/--eval_step.
+PRESET_YIELDS_TO = {"snapshot": ("--eval_epoch", "--eval_step")}
+
+
 def parse_with_preset(parser, argv=None):
     """parser.parse_args with the chosen --preset's values as the defaults of the flags this parser has."""
-    chosen = parser.parse_known_args(argv)[0].preset
-    dests = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in PRESETS[chosen].items() if k in dests})
+    argv = sys.argv[1:] if argv is None else list(argv)
+    known = vars(parser.parse_known_args(argv)[0])  # every dest of this parser, with its default
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    parser.set_defaults(**{k: v for k, v in PRESETS[known["preset"]].items()
+                           if k in known and not given & set(PRESET_YIELDS_TO.get(k, ()))})
     return parser.parse_args(argv)
 
 

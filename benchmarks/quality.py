@@ -4,6 +4,7 @@ configurations, one table.
     python benchmarks/quality.py --configs A --preset fast          # the fast recipe on A
     python benchmarks/quality.py --configs B --preset paper --minutes 30   # the paper's, cut at 30 min
     python benchmarks/quality.py --configs C --method one_step --minutes 10  # a baseline, same budget
+    python benchmarks/quality.py --configs B --method simudy one_step two_step --minutes 15  # side by side
     python benchmarks/quality.py --configs A --rec_epochs 1 --rec_steps_per_epoch 800 \
         --extra "--schedule cosine --tv_weight 2e-3" --label "cosine, TV 2e-3"   # an idea
 
@@ -49,7 +50,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--preset", default="paper", help="recons.py --preset (SimuDy)")
-    p.add_argument("--method", default="simudy", choices=list(LINEAR_FLAG))
+    p.add_argument("--method", nargs="+", default=["simudy"], choices=list(LINEAR_FLAG),
+                   help="one row per method and config, each with the same budget (SimuDy vs the baselines)")
     p.add_argument("--minutes", type=float, default=None,
                    help="reconstruction budget (recons.py --max_minutes); default the config's goal (A 10,"
                         " B 60, C 60 min)")
@@ -100,7 +102,7 @@ def planned_iterations(recons_args):
     return recons_args.baseline_steps
 
 
-def run_config(name, args):
+def run_config(name, method_name, args):
     import metrics
     import recons
     import train
@@ -109,7 +111,7 @@ def run_config(name, args):
     iteration_flags = [f for flag, value in (("--rec_epochs", args.rec_epochs),
                                       ("--rec_steps_per_epoch", args.rec_steps_per_epoch)) if value
                 for f in (flag, str(value))]
-    method = ["--method", args.method] if args.method != "simudy" else ["--preset", args.preset]
+    method = ["--method", method_name] if method_name != "simudy" else ["--preset", args.preset]
     # The whole pipeline runs in its own folder; a cached pretraining (config B) is reused across runs.
     with working_directory(os.path.join(args.work_dir, name)):
         start = time.time()
@@ -120,15 +122,16 @@ def run_config(name, args):
         recons_dir = recons.main(recons_args)
         reconstructed = time.time()
         result = metrics.main(metrics.parse_args(shared + [
-            "--tlr", "1e-2", "--snapshot", "last", "--linear", LINEAR_FLAG[args.method],
+            "--tlr", "1e-2", "--snapshot", "last", "--linear", LINEAR_FLAG[method_name],
             "--recons_dir", recons_dir]))
         with open(os.path.join(recons_dir, "config.json")) as f:
             backprop = json.load(f).get("backprop")
         with open(os.path.join(recons_dir, "log.csv")) as f:
             iterations = sum(1 for _ in f) - 1
         curve = ssim_curve(recons_dir)
-    return {"config": name, "method": args.method, "preset": args.preset if args.method == "simudy" else "",
-            "recipe": args.label or (args.preset if args.method == "simudy" else args.method),
+    simudy = method_name == "simudy"
+    return {"config": name, "method": method_name, "preset": args.preset if simudy else "",
+            "recipe": (args.label or args.preset) if simudy else method_name,
             "extra": args.extra, "budget_minutes": minutes, "avg_ssim": result["avg_ssim"],
             f"share_ssim_ge_{SSIM_GOOD}": result[f"share_ssim_ge_{SSIM_GOOD}"],
             "iterations": iterations, "planned_iterations": planned_iterations(recons_args),
@@ -140,8 +143,9 @@ def run_config(name, args):
 def main(args):
     rows = []
     for name in args.configs:
-        rows.append(run_config(name, args))
-        print(json.dumps(rows[-1]), flush=True)
+        for method_name in args.method:
+            rows.append(run_config(name, method_name, args))
+            print(json.dumps(rows[-1]), flush=True)
     previous = []
     if os.path.isfile(args.out):
         with open(args.out) as f:

@@ -32,6 +32,10 @@ def test_preset_sets_defaults_and_explicit_flags_win():
     assert metrics.parse_args(["--preset", "fast"]).snapshot == "last"
     assert metrics.parse_args([]).snapshot is None
     assert draw_pics.parse_args(["--preset", "fast"]).snapshot == "last"
+    # ... unless a snapshot is named with the paper's flags: those are not silently overridden
+    named = metrics.parse_args(["--preset", "fast", "--eval_epoch", "2", "--eval_step", "1"])
+    assert (named.snapshot, named.eval_epoch, named.eval_step) == (None, 2, 1)
+    assert draw_pics.parse_args(["--preset=fast", "--eval_step=3"]).snapshot is None
 
 
 def test_fast_preset_folder_schedule_and_scoring(mlp_run):
