@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8, help="simulated epochs")
     p.add_argument("--iterations", type=int, default=2, help="timed iterations after the warm-up")
     p.add_argument("--warmup", type=int, default=2,
-                   help="untimed iterations first (one was not enough: the first timed iteration was still slow)")
+                   help="untimed iterations before the timed ones")
     p.add_argument("--device", default="auto")
     p.add_argument("--max_rss_gb", type=float, default=20.0,
                    help="skip an unrolled cell whose peak, extrapolated linearly, would exceed this")
@@ -141,11 +141,11 @@ def print_table(rows):
 
             def fmt(c, key, spec):
                 return c["skipped"] if "skipped" in c else (format(c[key], spec) if key in c else "")
-            ratio = f"{r['peak_mb'] / u['peak_mb']:.2f}" if "peak_mb" in u and "peak_mb" in r else ""
-            key = "seconds_per_iteration"
-            time_ratio = f"{r[key] / u[key]:.2f}" if key in u and key in r else ""
-            print(f"| {m} | {n} | {steps} | {fmt(u, 'seconds_per_iteration', '.2f')} | {fmt(u, 'peak_mb', '.0f')}"
-                  f" | {fmt(r, 'seconds_per_iteration', '.2f')} | {fmt(r, 'peak_mb', '.0f')} | {time_ratio} | {ratio} |")
+            def ratio(key):
+                return f"{r[key] / u[key]:.2f}" if key in u and key in r else ""
+            secs = "seconds_per_iteration"
+            print(f"| {m} | {n} | {steps} | {fmt(u, secs, '.2f')} | {fmt(u, 'peak_mb', '.0f')}"
+                  f" | {fmt(r, secs, '.2f')} | {fmt(r, 'peak_mb', '.0f')} | {ratio(secs)} | {ratio('peak_mb')} |")
 
 
 if __name__ == "__main__":

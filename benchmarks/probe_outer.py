@@ -40,7 +40,8 @@ def parse_args(argv=None):
 def main(args):
     import torch
     import torch.nn.functional as F
-    from recons import load_training_run, paper_avg_ssim, reconstruction_loss, sgd_config_from_training
+    from recons import (load_training_run, paper_avg_ssim, reconstruction_loss, sgd_config_from_training,
+                        simudy_optimisers)
 
     torch.set_num_threads(args.threads)
     run = load_training_run(args.train_dir, "cpu")
@@ -57,8 +58,7 @@ def main(args):
     def image():
         return F.interpolate(z, size=(side, side), mode="bilinear", align_corners=False) if z.shape[-1] != side else z
 
-    opt = torch.optim.Adam([z], lr=args.lr, betas=(0.8, 0.9))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.iters)
+    opt, sched = simudy_optimisers(z, args.lr, "cosine", args.iters)  # recons.py's Adam, one decay
     start, curve = time.time(), []
     for i in range(args.iters + 1):
         if i % args.every == 0 or i == args.iters:
@@ -68,8 +68,7 @@ def main(args):
             break
         if args.res and i == args.iters // 2 and z.shape[-1] != side:  # switch to full-resolution pixels
             z = image().detach().requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=args.lr, betas=(0.8, 0.9))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.iters - i)
+            opt, sched = simudy_optimisers(z, args.lr, "cosine", args.iters - i)
         total, match, tv = reconstruction_loss(run.model, run.theta0, run.buffers, image(), labels,
                                                run.weight_change, args.bs, args.steps, sgd, args.tv, "cos")
         opt.zero_grad()
