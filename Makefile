@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 DEMO_FLAGS ?= --dataset fashion_mnist --model_name mlp --num_imgs_per_class 2 --bs 20
-DEMO_RECONS ?= --rec_epochs 3 --rec_steps_per_epoch 300
+DEMO_PRESET ?= --preset fast
 
 .PHONY: venv test demo fashion-mnist clean-demo
 
@@ -28,9 +28,9 @@ fashion-mnist:
 demo: venv fashion-mnist
 	@mkdir -p $(DEMO_DIR)
 	cd $(DEMO_DIR) && ../$(PY) ../train.py $(DEMO_FLAGS) --lr 1e-2 --overwrite
-	cd $(DEMO_DIR) && ../$(PY) ../recons.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_RECONS) --overwrite
-	cd $(DEMO_DIR) && ../$(PY) ../metrics.py $(DEMO_FLAGS) --tlr 1e-2 --snapshot last
-	cd $(DEMO_DIR) && ../$(PY) ../draw_pics.py $(DEMO_FLAGS) --tlr 1e-2 --snapshot last --sort ssim
+	cd $(DEMO_DIR) && ../$(PY) ../recons.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_PRESET) --overwrite
+	cd $(DEMO_DIR) && ../$(PY) ../metrics.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_PRESET)
+	cd $(DEMO_DIR) && ../$(PY) ../draw_pics.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_PRESET) --sort ssim
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -33,7 +33,8 @@ from models import build_model
 from utils import (AUTO, UserError, add_data_args, add_model_args, add_recons_id_args, add_runtime_args,
                    add_training_hparam_args, library_versions, load_checkpoint, parse_with_preset, pick_device,
                    prepare_run_dir, print_candidates, read_json, recons_dir_from_args, resolve_rec_lr,
-                   resolve_simulation_hparams, run_main, set_seed, train_dir_from_args, write_csv, write_json)
+                   resolve_simulation_hparams, resolve_steps, run_main, set_seed, train_dir_from_args, write_csv,
+                   write_json)
 
 # The paper code's constants, as named defaults.
 INIT_SCALE = 0.5          # dummy images start as randn * 0.5
@@ -578,19 +579,20 @@ def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every
     def due(iteration):
         return (save_every and iteration % steps_per_epoch % save_every == 0) or iteration == total - 1
 
-    saved = {}  # iteration -> snapshot path
+    newest = None  # (iteration, path) of the newest snapshot
 
     def save(iteration, stopping=False):
+        nonlocal newest
         if not (due(iteration) or stopping):
             return None
-        saved[iteration] = write_snapshot(iteration)
+        newest = (iteration, write_snapshot(iteration))
         save_resume_state(run_dir, state, iteration)
-        return saved[iteration]
+        return newest[1]
     row, finished = run_iterations(iterate, range(start, end), os.path.join(run_dir, "log.csv"), save,
                                    deadline=deadline)
     last = row["iteration"] if row else None
     if finished and last is not None and last < total - 1:
-        path = saved.get(last) or save(last, stopping=True)
+        path = newest[1] if newest and newest[0] == last else save(last, stopping=True)
         print(f"stopped after {last + 1} of {total} iterations (snapshot {path}); continue with --resume")
     return float("nan") if row is None else row["total"]
 
@@ -902,6 +904,7 @@ def main(args):
     args = resolved_args(args, rec_lr=resolve_rec_lr(args, args.method))
     train_dir = args.train_dir or train_dir_from_args(args, args.tlr)
     run = load_training_run(train_dir, device)
+    args = resolved_args(args, steps=resolve_steps(args))  # --steps 0: the training's epochs
     data = run.config["data"]
     num_dummy = num_dummies(args.num_dummy, args.num_imgs_per_class, bool(args.train_dir), data, args.method)
     if args.method != "simudy":

@@ -1,15 +1,17 @@
 """Probe an outer-optimisation idea on an existing training run: SSIM against the true training images
 every few iterations, without writing a reconstruction run folder.
 
-recons.py's simulation and loss are used unchanged (unrolled pass); only what moves the dummies differs:
-the start (noise of another scale, or the true images plus noise), the TV weight, Adam's lr, and an
-optional low-resolution parameterisation for the first half of the run (x = bilinear upsampling of a
-res×res image, then the full-resolution pixels). The lr follows one cosine decay over the run (the fast
-preset's schedule); no clip. Labels are the true ones (the balanced multiset recons.py draws, in order).
+recons.py's simulation and loss are used unchanged (unrolled pass), except with --match layer_cos;
+otherwise only what moves the dummies differs: the start (noise of another scale, or the true images plus
+noise), the TV weight, Adam's lr, and an optional low-resolution parameterisation for the first half of
+the run (x = bilinear upsampling of a res×res image, then the full-resolution pixels). The lr follows one
+cosine decay over the run (the fast preset's schedule); no clip. Labels are the true ones (the balanced
+multiset recons.py draws, in order).
 
     python benchmarks/probe_outer.py --iters 200 --tv 2e-2            # a larger TV weight, from noise
     python benchmarks/probe_outer.py --iters 200 --res 8              # 8×8 for 100 iterations, then 32×32
     python benchmarks/probe_outer.py --iters 100 --init near:0.3      # start at the truth + 0.3·noise
+    python benchmarks/probe_outer.py --iters 200 --match layer_cos    # every layer's cosine weighs the same
 """
 import argparse
 import os
@@ -32,9 +34,26 @@ def parse_args(argv=None):
     p.add_argument("--tv", type=float, default=2e-3, help="TV weight")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam lr (betas 0.8, 0.9)")
     p.add_argument("--res", type=int, default=0, help="low-resolution side for the first half (0: off)")
+    p.add_argument("--match", default="cos", choices=["cos", "layer_cos"],
+                   help="cos: recons.py's 1 - cos over all parameters; layer_cos: the mean over parameter"
+                        " tensors of 1 - cos (every layer counts equally, conv1 as much as layer4)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--every", type=int, default=25, help="print SSIM every this many iterations")
     return p.parse_args(argv)
+
+
+def layer_cos_loss(run, x, labels, bs, steps, sgd, tv_weight):
+    """(total, match, tv) as recons.reconstruction_loss, with match = mean over parameter tensors of
+    1 - cos(simulated change, true change)."""
+    import torch.nn.functional as F
+    from recons import simulate_training, total_variation
+    batches = list(zip(x.split(bs), labels.split(bs)))
+    _, displacement, _ = simulate_training(run.model, run.theta0, run.buffers, batches, steps, sgd)
+    true = run.weight_change.split([v.numel() for v in displacement.values()])
+    match = sum(1 - F.cosine_similarity(d.reshape(-1), t, dim=0, eps=1e-20)
+                for d, t in zip(displacement.values(), true)) / len(true)
+    tv = sum(total_variation(xb) for xb, _ in batches)
+    return match + tv_weight * tv, match, tv
 
 
 def main(args):
@@ -69,8 +88,11 @@ def main(args):
         if args.res and i == args.iters // 2 and z.shape[-1] != side:  # switch to full-resolution pixels
             z = image().detach().requires_grad_(True)
             opt, sched = simudy_optimisers(z, args.lr, "cosine", args.iters - i)
-        total, match, tv = reconstruction_loss(run.model, run.theta0, run.buffers, image(), labels,
-                                               run.weight_change, args.bs, args.steps, sgd, args.tv, "cos")
+        if args.match == "cos":
+            total, match, tv = reconstruction_loss(run.model, run.theta0, run.buffers, image(), labels,
+                                                   run.weight_change, args.bs, args.steps, sgd, args.tv, "cos")
+        else:
+            total, match, tv = layer_cos_loss(run, image(), labels, args.bs, args.steps, sgd, args.tv)
         opt.zero_grad()
         total.backward()
         opt.step()
