@@ -120,8 +120,8 @@ def add_recons_id_args(parser):
     g = parser.add_argument_group("reconstruction run")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="recipe for the dummies' optimisation: paper (the paper code's) or fast (fewer"
-                        " iterations, one cosine decay; see README); a non-paper preset adds _<preset> to"
-                        " the folder name")
+                        " iterations, one cosine decay, the training's epochs simulated; see README); a"
+                        " non-paper preset adds _<preset> to the folder name")
     g.add_argument("--steps", default=8, type=int,
                    help="simulated epochs (paper code default 8); 0 = the training's epochs, as the paper's"
                         " text (the fast preset's choice)")
