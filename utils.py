@@ -106,9 +106,10 @@ def parse_with_preset(parser, argv=None):
     # which flags were given, however spelt (--eval_step=3, or an abbreviation such as --eval_ep): parse
     # once more with a marker as their default
     watched = {d for dests in PRESET_YIELDS_TO.values() for d in dests if d in known}
+    defaults = {d: parser.get_default(d) for d in watched}
     parser.set_defaults(**dict.fromkeys(watched, _NOT_GIVEN))
     marked = vars(parser.parse_known_args(argv)[0])
-    parser.set_defaults(**{d: known[d] for d in watched})
+    parser.set_defaults(**defaults)
     given = {d for d in watched if marked[d] is not _NOT_GIVEN}
     parser.set_defaults(**{k: v for k, v in PRESETS[known["preset"]].items()
                            if k in known and not given & set(PRESET_YIELDS_TO.get(k, ()))})
