@@ -7,12 +7,17 @@ Reads matched.pth written by metrics.py with the same flags:
 """
 import argparse
 import csv
+import math
 import os
 
 import torch
+import torch.nn.functional as F
 
-from metrics import add_metrics_args, metrics_dir_from_args, snapshot_path_from_args
-from utils import UserError, denormalise, load_checkpoint, parse_with_preset, run_main
+from simudy.data import denormalise
+from simudy.errors import UserError
+from simudy.flags import add_metrics_args, parse_with_preset
+from simudy.runs import LOG, load_checkpoint, metrics_dir_from_args, snapshot_path_from_args
+from utils import run_main
 
 
 def figure_rows(recons, train, per_row):
@@ -28,14 +33,26 @@ def figure_rows(recons, train, per_row):
     return torch.cat(tiles)
 
 
-def draw_reconstruction(matched, sort, per_row, path):
+MIN_TILE_PX = 96  # --scale 0: enlarge small images until a tile is at least this many pixels high
+
+
+def tile_scale(scale, height):
+    """--scale, or (0) the smallest whole factor that makes an image at least MIN_TILE_PX high."""
+    return scale if scale else max(1, math.ceil(MIN_TILE_PX / height))
+
+
+def draw_reconstruction(matched, sort, per_row, path, scale=1):
+    """The Figure 1 grid; each image enlarged `scale` times by nearest neighbour (pixels stay pixels)."""
     from torchvision.utils import save_image
     order = torch.arange(len(matched["train"]))
     if sort == "ssim":
         order = torch.argsort(matched["ssim"], descending=True, stable=True)
     train = denormalise(matched["train"][order].float(), matched["mean"], matched["std"])
     recons = denormalise(matched["recons"][order].float(), matched["mean"], matched["std"])
-    save_image(figure_rows(recons, train, per_row), path, nrow=per_row, padding=2, pad_value=1.0)
+    grid = figure_rows(recons, train, per_row)
+    if scale > 1:
+        grid = F.interpolate(grid, scale_factor=scale, mode="nearest")
+    save_image(grid, path, nrow=per_row, padding=2, pad_value=1.0)
     return path
 
 
@@ -78,12 +95,15 @@ def parse_args(argv=None):
     g.add_argument("--sort", default="none", choices=["none", "ssim"],
                    help="none = training-subset order; ssim = best-matched pairs first")
     g.add_argument("--per_row", default=10, type=int, help="images per row")
+    g.add_argument("--scale", default=0, type=int,
+                   help=f"enlarge each image this many times (nearest neighbour); 0 = enough for"
+                        f" {MIN_TILE_PX} px (3x for 32 px CIFAR, 4x for 28 px Fashion-MNIST)")
     return parse_with_preset(parser, argv)
 
 
 def main(args):
-    if args.per_row < 1:
-        raise UserError(f"--per_row {args.per_row} must be at least 1")
+    if args.per_row < 1 or args.scale < 0:
+        raise UserError(f"--per_row must be at least 1 and --scale at least 0 (got {args.per_row}, {args.scale})")
     out_dir = metrics_dir_from_args(args)
     matched_path = os.path.join(out_dir, "matched.pth")
     if not os.path.isfile(matched_path):
@@ -96,9 +116,10 @@ def main(args):
     if len(matched["train"]) == 0:
         raise UserError(f"{matched_path} has no matched pairs; the snapshot had no reconstructions")
 
-    paths = [draw_reconstruction(matched, args.sort, args.per_row,
-                                 os.path.join(out_dir, "reconstruction.png"))]
-    log_path = os.path.join(snapshot_path_from_args(args)[0], "log.csv")
+    scale = tile_scale(args.scale, matched["train"].shape[-2])
+    paths = [draw_reconstruction(matched, args.sort, args.per_row, os.path.join(out_dir, "reconstruction.png"),
+                                 scale)]
+    log_path = os.path.join(snapshot_path_from_args(args)[0], LOG)
     if os.path.isfile(log_path):
         curve = draw_loss_curve(log_path, os.path.join(out_dir, "loss_curve.png"))
         paths += [curve] if curve else []

@@ -68,13 +68,14 @@ run_candidate() {  # run_candidate LR BS SLOT
 if [ "${LAUNCHER:-}" = submitit ]; then
   # shellcheck disable=SC2016  # the Python below reads its arguments, not the shell's variables
   PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c '
-import os, shlex, sys, utils
+import os, shlex, sys, recons, utils
+from simudy.search import submit_grid_search
 grid_dir, args, candidates = os.path.abspath(sys.argv[1]), shlex.split(sys.argv[2]), sys.argv[4:]
 argvs = [args + ["--rlr", lr, "--rbs", bs, "--grid_search", "1", "--overwrite",
                  "--recons_dir", os.path.join(grid_dir, f"rlr{lr}_rbs{bs}")] for lr, bs in map(str.split, candidates)]
 env = os.environ.get
-failed = utils.run_main(lambda _: utils.submit_grid_search(
-    argvs, os.path.join(grid_dir, "submitit"), env("SUBMITIT_CLUSTER"), int(env("TIMEOUT_MIN", "60")),
+failed = utils.run_main(lambda _: submit_grid_search(
+    recons.run_argv, argvs, os.path.join(grid_dir, "submitit"), env("SUBMITIT_CLUSTER"), int(env("TIMEOUT_MIN", "60")),
     env("SLURM_PARTITION"), int(env("GPUS_PER_JOB", "0"))), lambda: None)
 with open(sys.argv[3], "a") as f:
     f.writelines(sys.argv[1] + "/" + os.path.basename(argv[-1]) + "\n" for argv in failed)
@@ -104,7 +105,7 @@ failed=0
 rm -f "$failures"
 if [ ${#dirs[@]} -gt 0 ]; then
   PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c \
-    'import sys, utils; utils.summarise_grid_search(sys.argv[1], sys.argv[2:])' "$GRID_DIR" "${dirs[@]}" \
+    'import sys; from simudy.search import summarise_grid_search; summarise_grid_search(sys.argv[1], sys.argv[2:])' "$GRID_DIR" "${dirs[@]}" \
     || failed=1
 fi
 exit $failed

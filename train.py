@@ -15,9 +15,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import build_model, uses_batchnorm
-from utils import (UserError, add_data_args, add_model_args, add_runtime_args, add_training_hparam_args,
-                   library_versions, load_checkpoint, load_subset, pick_device, prepare_run_dir, run_main,
-                   set_seed, train_dir_from_args, write_json)
+from simudy.data import load_subset
+from simudy.errors import UserError
+from simudy.flags import (add_data_args, add_model_args, add_runtime_args, add_training_hparam_args, pick_device,
+                          set_seed)
+from simudy.runs import (CONFIG, THETA0, THETA_FINAL, TRAIN_SUBSET, library_versions, load_checkpoint,
+                         prepare_run_dir, pretrained_cache_path, train_dir_from_args, write_json)
+from utils import run_main
 
 PAPER_PRETRAINED = "./models/pretrained.pth"  # the paper's (unpublished) theta0 for ResNet-18/CIFAR-10
 
@@ -103,11 +107,6 @@ def pretrain(model, args, subset_indices, device):
     return {"pretrain_images": len(y), "pretrain_train_acc": acc}
 
 
-def pretrained_cache_path(args):
-    return os.path.join("./ckpts/pretrained", f"{args.model_name}_w{args.width or 'paper'}_{args.dataset}"
-                        f"_pimgs{args.pretrain_imgs}_pep{args.pretrain_epochs}_seed{args.seed}.pth")
-
-
 def load_state_into(model, path, what):
     state = load_checkpoint(path, what)
     try:
@@ -162,9 +161,9 @@ def main(args):
                         args.epochs, args.momentum, args.weight_decay, args.bn_mode)
     theta_final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    torch.save(theta0, os.path.join(run_dir, "theta0.pth"))
-    torch.save(theta_final, os.path.join(run_dir, "theta_final.pth"))
-    torch.save(subset, os.path.join(run_dir, "train_subset.pth"))
+    torch.save(theta0, os.path.join(run_dir, THETA0))
+    torch.save(theta_final, os.path.join(run_dir, THETA_FINAL))
+    torch.save(subset, os.path.join(run_dir, TRAIN_SUBSET))
     config = {
         "stage": "train", "args": vars(args), "seed": args.seed, "versions": library_versions(),
         "data": {"dataset": args.dataset, "num_classes": subset["num_classes"], "image_shape": image_shape,
@@ -175,7 +174,7 @@ def main(args):
                     "first_epoch_loss": history[0]["loss"], "seconds": time.time() - start},
         "history": history,
     }
-    write_json(os.path.join(run_dir, "config.json"), config)
+    write_json(os.path.join(run_dir, CONFIG), config)
     print(f"trained {args.model_name} on {len(subset['labels'])} {args.dataset} images:"
           f" loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f},"
           f" acc {history[-1]['acc']:.3f}; run folder {run_dir}")

@@ -47,8 +47,9 @@ def run_cell(model_key, num_images, backprop, args):
     """One measurement, in this process."""
     import torch
     from models import build_model
-    from recons import SGDConfig, reconstruction_loss_and_grad
-    from utils import pick_device
+    from simudy.flags import pick_device
+    from simudy.method import reconstruction_loss_and_grad
+    from simudy.simulate import SGDConfig, split_state
 
     device = pick_device(args.device)
     torch.manual_seed(0)
@@ -57,9 +58,7 @@ def run_cell(model_key, num_images, backprop, args):
     with torch.no_grad():
         model.train()
         model(torch.randn(64, *shape, device=device))
-    state = model.state_dict()
-    theta0 = {n: state[n] for n, _ in model.named_parameters()}
-    buffers = {n: v for n, v in state.items() if n not in theta0}
+    theta0, buffers = split_state(model, model.state_dict())
     weight_change = torch.randn(sum(p.numel() for p in theta0.values()), device=device)
     x = (torch.randn(num_images, *shape) * 0.5).to(device).requires_grad_(True)
     labels = (torch.arange(num_images) % 10).to(device)

@@ -45,13 +45,12 @@ def parse_args(argv=None):
 def layer_cos_loss(run, x, labels, bs, steps, sgd, tv_weight):
     """(total, match, tv) as recons.reconstruction_loss, with match = mean over parameter tensors of
     1 - cos(simulated change, true change)."""
-    import torch.nn.functional as F
-    from recons import simulate_training, total_variation
+    from simudy.method import cosine_distance, total_variation
+    from simudy.simulate import simulate_training
     batches = list(zip(x.split(bs), labels.split(bs)))
     _, displacement, _ = simulate_training(run.model, run.theta0, run.buffers, batches, steps, sgd)
     true = run.weight_change.split([v.numel() for v in displacement.values()])
-    match = sum(1 - F.cosine_similarity(d.reshape(-1), t, dim=0, eps=1e-20)
-                for d, t in zip(displacement.values(), true)) / len(true)
+    match = sum(cosine_distance(d.reshape(-1), t) for d, t in zip(displacement.values(), true)) / len(true)
     tv = sum(total_variation(xb) for xb, _ in batches)
     return match + tv_weight * tv, match, tv
 
@@ -59,8 +58,10 @@ def layer_cos_loss(run, x, labels, bs, steps, sgd, tv_weight):
 def main(args):
     import torch
     import torch.nn.functional as F
-    from recons import (load_training_run, paper_avg_ssim, reconstruction_loss, sgd_config_from_training,
-                        simudy_optimisers)
+    from simudy.method import reconstruction_loss, simudy_optimisers
+    from simudy.scoring import paper_avg_ssim
+    from simudy.simulate import sgd_config_from_training
+    from simudy.target import load_training_run
 
     torch.set_num_threads(args.threads)
     run = load_training_run(args.train_dir, "cpu")
@@ -70,7 +71,7 @@ def main(args):
     kind, _, scale = args.init.partition(":")
     x0 = {"noise": lambda: noise * 0.5, "scale": lambda: noise * float(scale),
           "near": lambda: x_true + float(scale) * noise}[kind]()
-    sgd = sgd_config_from_training(run.config, run.config["args"]["lr"])
+    sgd = sgd_config_from_training(run.config["args"], run.config["args"]["lr"])
     side = x_true.shape[-1]
     z = (F.interpolate(x0, size=(args.res, args.res), mode="area") if args.res else x0.clone()).requires_grad_(True)
 

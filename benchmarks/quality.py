@@ -12,6 +12,8 @@ A: MLP-1000-1000, Fashion-MNIST, 2 images per class, lr 1e-2, bs 20.
 B: ResNet-18 width 16, theta0 pretrained on CIFAR-10 images disjoint from the subset (the shared
    cifar10-jpg folder), 2 images per class, lr 1e-2, bs 20.
 C: MLP-1000-1000, CIFAR-10 (same folder), 10 images per class, bs 100.
+B32: B at width 32. D: ResNet-18 width 16 on Fashion-MNIST (1 channel, 28 px), 2 images per class, bs 20.
+E: ResNet-18 width 16 on CIFAR-10, 1 image per class (10 images), bs 10.
 
 Each run is recons.py with --preset (its own iteration count) and --max_minutes (the budget; the paper's
 30,000 iterations never fit, so a paper row is the paper's run stopped at the budget). The score is
@@ -42,6 +44,12 @@ CONFIGS = {
            "--num_imgs_per_class", "2", "--bs", "20"], ["--lr", "1e-2"], 60),
     "C": (["--dataset", "folder", "--data_root", CIFAR10_JPG, "--model_name", "mlp",
            "--num_imgs_per_class", "10", "--bs", "100"], ["--lr", "1e-2"], 60),
+    "B32": (["--dataset", "folder", "--data_root", CIFAR10_JPG, "--model_name", "resnet18", "--width", "32",
+             "--num_imgs_per_class", "2", "--bs", "20"], ["--lr", "1e-2"], 60),
+    "D": (["--dataset", "fashion_mnist", "--model_name", "resnet18", "--width", "16", "--num_imgs_per_class", "2",
+           "--bs", "20"], ["--lr", "1e-2"], 30),
+    "E": (["--dataset", "folder", "--data_root", CIFAR10_JPG, "--model_name", "resnet18", "--width", "16",
+           "--num_imgs_per_class", "1", "--bs", "10"], ["--lr", "1e-2"], 60),
 }
 LINEAR_FLAG = {"simudy": "0", "one_step": "1", "two_step": "2"}  # metrics.py --linear
 
@@ -79,7 +87,7 @@ def ssim_curve(recons_dir):
     """[(iteration, seconds into the reconstruction, avg SSIM)] for every snapshot of a SimuDy run: where
     quality peaks, and when."""
     import torch
-    from recons import paper_avg_ssim
+    from simudy.scoring import paper_avg_ssim
     with open(os.path.join(recons_dir, "config.json")) as f:
         config = json.load(f)
     if config["method"] != "simudy":

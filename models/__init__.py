@@ -19,8 +19,7 @@ def default_width(name):
 def build_model(name, num_classes, image_shape, width=None):
     """image_shape is (C, H, W) of the dataset; width None means the paper's width."""
     if name not in MODELS:
-        from utils import UserError
-        raise UserError(f"unknown --model_name {name!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     constructor, paper_width = MODELS[name]
     return constructor(num_classes, width or paper_width, tuple(image_shape))
 

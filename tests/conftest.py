@@ -9,9 +9,17 @@ output with the truth. The pytest fixtures wrap them (session-scoped, written on
     fashion_fake / fashion_root    Fashion-MNIST idx files, gzipped    (root = --data_root)
     folder_fake  / folder_root     root/train/<class>/<0000>.png       (root = --data_root, --dataset folder)
     in_tmp_cwd                     chdir to a fresh tmp dir (the stages write ./ckpts)
+    cifar_cwd                      in_tmp_cwd with ./data the fake CIFAR-10 (the paper's default --data_root)
+    mlp_run                        in_tmp_cwd with a tiny MLP trained by train.py on fake Fashion-MNIST
     offline                        torchvision downloads raise URLError, sockets refuse to connect
+    no_system_fashion              the system Fashion-MNIST folder points at an empty dir
+    empty_torch_home               TORCH_HOME is an empty dir (no LPIPS weights, nothing downloaded)
+
+Plain helpers shared by the test files (run a stage, the one-line error check, fake run folders) are in
+tests/helpers.py.
 """
 import gzip
+import os
 import pathlib
 import pickle
 import socket
@@ -19,6 +27,7 @@ import struct
 import sys
 import urllib.error
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -28,6 +37,15 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# One CPU thread per test process and, through the environment, per script a test starts (unless
+# OMP_NUM_THREADS is set): the tensors are tiny, so threads gain nothing, and on a shared machine OpenMP
+# threads waiting for each other are ruinous (test_pipeline.py: 261 s with 2 threads beside two busy
+# processes on 2 cores, 23 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which it reads when loaded)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
@@ -209,37 +227,26 @@ def make_image_folder(root, n_per_class=5, size=32, classes=10, seed=2):
 # pytest fixtures
 
 
-@pytest.fixture(scope="session")
-def cifar10_fake(tmp_path_factory):
-    return make_cifar10_root(tmp_path_factory.mktemp("cifar10"))
+def dataset_fixtures(name, make, doc):
+    """The session fixtures <name>_fake (the FakeDataset make() writes, once per run) and <name>_root (its
+    root, a pathlib.Path to pass as data_root / --data_root; `doc` says what it holds)."""
+    @pytest.fixture(scope="session", name=f"{name}_fake")
+    def fake(tmp_path_factory):
+        return make(tmp_path_factory.mktemp(name))
+
+    @pytest.fixture(scope="session", name=f"{name}_root")
+    def root(request):
+        return request.getfixturevalue(f"{name}_fake").root
+    root.__doc__ = doc
+    return fake, root
 
 
-@pytest.fixture(scope="session")
-def cifar10_root(cifar10_fake):
-    """A data_root (pathlib.Path) holding a fake cifar-10-batches-py/."""
-    return cifar10_fake.root
-
-
-@pytest.fixture(scope="session")
-def fashion_fake(tmp_path_factory):
-    return make_idx_root(tmp_path_factory.mktemp("fashion"))
-
-
-@pytest.fixture(scope="session")
-def fashion_root(fashion_fake):
-    """A data_root (pathlib.Path) holding fake gzipped Fashion-MNIST idx files."""
-    return fashion_fake.root
-
-
-@pytest.fixture(scope="session")
-def folder_fake(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("folder"))
-
-
-@pytest.fixture(scope="session")
-def folder_root(folder_fake):
-    """A data_root (pathlib.Path) holding train/<class>/<0000>.png, for --dataset folder."""
-    return folder_fake.root
+cifar10_fake, cifar10_root = dataset_fixtures("cifar10", make_cifar10_root,
+                                              "A data_root holding a fake cifar-10-batches-py/.")
+fashion_fake, fashion_root = dataset_fixtures("fashion", make_idx_root,
+                                              "A data_root holding fake gzipped Fashion-MNIST idx files.")
+folder_fake, folder_root = dataset_fixtures("folder", make_image_folder,
+                                            "A data_root holding train/<class>/<0000>.png, for --dataset folder.")
 
 
 @pytest.fixture
@@ -247,6 +254,32 @@ def in_tmp_cwd(tmp_path, monkeypatch):
     """Run the test inside a fresh tmp dir (the stages write ./ckpts relative to the cwd)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def cifar_cwd(cifar10_root, in_tmp_cwd):
+    """A working directory whose ./data is the fake CIFAR-10 (the paper's default --data_root)."""
+    (in_tmp_cwd / "data").symlink_to(cifar10_root)
+    return in_tmp_cwd
+
+
+class TrainedMLP(NamedTuple):
+    flags: list      # the flags naming the training run (data, model, --num_imgs_per_class, --bs); add --tlr 0.05
+    train_dir: str
+
+
+MLP_FLAGS = ["--dataset", "fashion_mnist", "--model_name", "mlp", "--width", 16, "--num_imgs_per_class", 1,
+             "--bs", 5]
+
+
+@pytest.fixture
+def mlp_run(fashion_root, in_tmp_cwd):
+    """A tiny MLP (width 16) trained by train.py for 1 epoch (lr 0.05, bs 5) on 10 fake Fashion-MNIST images,
+    in a fresh working directory. Yields TrainedMLP(flags, train_dir)."""
+    import train
+    from tests.helpers import run
+    flags = MLP_FLAGS[:2] + ["--data_root", fashion_root] + MLP_FLAGS[2:]
+    return TrainedMLP(flags, run(train, flags + ["--lr", 0.05, "--epochs", 1]))
 
 
 @pytest.fixture
@@ -282,6 +315,23 @@ def empty_dir(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def no_system_fashion(monkeypatch, tmp_path):
+    """Point the system Fashion-MNIST dir (which exists on some machines) at an empty dir."""
+    import simudy.data
+    empty = tmp_path / "no-system-fashion"
+    empty.mkdir()
+    monkeypatch.setattr(simudy.data, "FASHION_MNIST_SYSTEM_DIR", str(empty))
+    return empty
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    """Never read the user's torch cache (LPIPS weights) nor download anything."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home"
 
 
 __all__ = ["FakeDataset", "REPO_ROOT", "CIFAR10_CLASSES", "FASHION_CLASSES", "smooth_images",

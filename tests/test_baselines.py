@@ -1,5 +1,6 @@
-"""The paper's baselines (recons.py --method one_step / two_step): the weighted gradient against a
-per-sample loop, the loss schedule, and train -> recons -> metrics --linear 1/2 end to end."""
+"""simudy/baselines.py, the paper's baselines (recons.py --method one_step / two_step): the weighted gradient
+against a per-sample loop, the loss schedule, and train -> recons -> metrics --linear 1/2 end to end. Their
+resume equivalence is in test_loop.py."""
 import csv
 import json
 import os
@@ -12,12 +13,9 @@ import metrics
 import recons
 import train
 from models import build_model
-from recons import (BASELINE_LOSS_SCHEDULE, baseline_loss, baseline_loss_weights, total_variation,
-                    weighted_gradient)
-
-
-def run(module, args):
-    return module.main(module.parse_args([str(a) for a in args]))
+from simudy.baselines import BASELINE_LOSS_SCHEDULE, baseline_loss, baseline_loss_weights, weighted_gradient
+from simudy.method import total_variation
+from tests.helpers import run
 
 
 def _model(name, shape):
@@ -86,18 +84,10 @@ def test_true_images_match_better_than_noise():
     assert l2["true"] < 1e-3 * l2["noise"]
 
 
-@pytest.fixture
-def mlp_flags(fashion_root, in_tmp_cwd):
-    """A trained tiny MLP on 10 fake Fashion-MNIST images; the flags that name it."""
-    flags = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "mlp", "--width", 16,
-             "--num_imgs_per_class", 1, "--bs", 5]
-    run(train, flags + ["--lr", 0.05, "--epochs", 1])
-    return flags + ["--tlr", 0.05]
-
-
 @pytest.mark.parametrize("method,linear,points", [("one_step", 1, ["theta_final"]),
                                                   ("two_step", 2, ["theta0", "theta_final"])])
-def test_train_recons_metrics_end_to_end(mlp_flags, method, linear, points):
+def test_train_recons_metrics_end_to_end(mlp_run, method, linear, points):
+    mlp_flags = mlp_run.flags + ["--tlr", 0.05]
     recons_dir = run(recons, mlp_flags + ["--method", method, "--baseline_steps", 3, "--save_every", 1])
     assert recons_dir.endswith(f"_{method}_reclr0.0003")  # the paper's baseline rec_lr by default
     assert {"x_0.pth", "x_1.pth", "x_2.pth", "labels.pth", "log.csv", "config.json"} <= set(os.listdir(recons_dir))
@@ -115,17 +105,3 @@ def test_train_recons_metrics_end_to_end(mlp_flags, method, linear, points):
     result = run(metrics, mlp_flags + ["--linear", linear, "--eval_step", 0])  # finds x_0.pth unprompted
     assert result["snapshot"].endswith(os.path.join(os.path.basename(recons_dir), "x_0.pth"))
     assert result["n_train"] == 10 and result["n_recons"] == 2 * result["n_train"]
-
-
-def test_resume_ends_identical(mlp_flags):
-    common = mlp_flags + ["--method", "two_step", "--baseline_steps", 4, "--save_every", 2,
-                          "--rec_lambda_lr", 1e-2]  # duals that visibly move, so their resume is checked
-    full = run(recons, common + ["--recons_dir", "full"])
-    run(recons, common + ["--recons_dir", "split", "--max_iterations", 3])
-    split = run(recons, common + ["--recons_dir", "split", "--resume"])
-    a, b = torch.load(os.path.join(full, "x_3.pth")), torch.load(os.path.join(split, "x_3.pth"))
-    assert torch.equal(a["x"], b["x"]) and all(torch.equal(a["duals"][k], b["duals"][k]) for k in a["duals"])
-    assert not torch.equal(a["duals"]["theta0"], torch.load(os.path.join(full, "x_0.pth"))["duals"]["theta0"])
-    log_full = [r.split(",")[:-1] for r in open(os.path.join(full, "log.csv")).read().splitlines()]
-    log_split = [r.split(",")[:-1] for r in open(os.path.join(split, "log.csv")).read().splitlines()]
-    assert log_full == log_split and len(log_full) == 5

@@ -1,4 +1,4 @@
-"""Dataset loading (utils.py) on fake datasets written in the real on-disk formats (see conftest)."""
+"""Dataset loading (simudy/data.py) on fake datasets written in the real on-disk formats (see conftest)."""
 import gzip
 import pickle
 import shutil
@@ -8,20 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import utils
+import simudy.data as data
+from simudy.errors import UserError
 from tests.conftest import CIFAR10_CLASSES, FASHION_CLASSES, make_idx_root, make_image_folder
+from tests.helpers import one_line_error
 
 PAPER_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 PAPER_CIFAR_STD = (0.2023, 0.1994, 0.2010)
-
-
-def assert_one_line_error(excinfo, *must_contain):
-    msg = str(excinfo.value)
-    assert msg, "empty error message"
-    assert "\n" not in msg and "\r" not in msg, f"multi-line error: {msg!r}"
-    for part in must_contain:
-        assert part in msg, f"{part!r} not in error {msg!r}"
-    return msg
 
 
 def paper_first_k(targets, k, num_classes, offset=0, exclude=()):
@@ -38,15 +31,6 @@ def paper_first_k(targets, k, num_classes, offset=0, exclude=()):
     return chosen
 
 
-@pytest.fixture
-def no_system_fashion(monkeypatch, tmp_path):
-    """Point the system Fashion-MNIST dir (which exists on some machines) at an empty dir."""
-    empty = tmp_path / "no-system-fashion"
-    empty.mkdir()
-    monkeypatch.setattr(utils, "FASHION_MNIST_SYSTEM_DIR", str(empty))
-    return empty
-
-
 # ----------------------------------------------------------------------------------------------
 # The fixtures themselves write the real formats (so a layout bug cannot cancel out)
 
@@ -54,12 +38,12 @@ def no_system_fashion(monkeypatch, tmp_path):
 def test_cifar_fixture_layout_is_channel_major_rows(cifar10_fake):
     with open(cifar10_fake.files["data_batch_2"], "rb") as f:
         batch = pickle.load(f, encoding="latin1")
-    data = batch["data"]
-    assert data.dtype == np.uint8 and data.shape == (60, 3072)
+    rows = batch["data"]
+    assert rows.dtype == np.uint8 and rows.shape == (60, 3072)
     img = cifar10_fake.images[60]  # first image of batch 2
-    np.testing.assert_array_equal(data[0, :1024], img[:, :, 0].ravel())     # R plane, row-major
-    np.testing.assert_array_equal(data[0, 1024:2048], img[:, :, 1].ravel())  # G
-    np.testing.assert_array_equal(data[0, 2048:], img[:, :, 2].ravel())      # B
+    np.testing.assert_array_equal(rows[0, :1024], img[:, :, 0].ravel())     # R plane, row-major
+    np.testing.assert_array_equal(rows[0, 1024:2048], img[:, :, 1].ravel())  # G
+    np.testing.assert_array_equal(rows[0, 2048:], img[:, :, 2].ravel())      # B
     assert batch["labels"] == cifar10_fake.labels[60:120]
     with open(cifar10_fake.files["batches.meta"], "rb") as f:
         assert pickle.load(f, encoding="latin1")["label_names"] == CIFAR10_CLASSES
@@ -92,7 +76,7 @@ def test_idx_fixture_header(fashion_fake):
 
 
 def test_cifar10_loader_returns_written_images_and_labels(cifar10_fake):
-    images, targets, classes = utils.load_dataset("cifar10", str(cifar10_fake.root))
+    images, targets, classes = data.load_dataset("cifar10", str(cifar10_fake.root))
     assert isinstance(images, np.ndarray) and images.dtype == np.uint8
     assert images.shape == (300, 32, 32, 3)
     np.testing.assert_array_equal(images, cifar10_fake.images)
@@ -103,9 +87,9 @@ def test_cifar10_loader_returns_written_images_and_labels(cifar10_fake):
 def test_cifar10_incomplete_folder_is_a_user_error(cifar10_fake, tmp_path, offline):
     shutil.copytree(cifar10_fake.root / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.load_dataset("cifar10", str(tmp_path))
-    assert_one_line_error(excinfo, "data_batch_3")
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("cifar10", str(tmp_path))
+    one_line_error(excinfo, "data_batch_3")
     assert offline == []
 
 
@@ -116,12 +100,12 @@ def test_cifar10_incomplete_folder_is_a_user_error(cifar10_fake, tmp_path, offli
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
 def test_read_idx_returns_written_arrays(tmp_path, gz):
     fake = make_idx_root(tmp_path, n=300, gz=gz, seed=5)  # 300 > 255: dims need all four bytes
-    images = utils._read_idx_gz(str(fake.files["train-images-idx3-ubyte"]))
-    labels = utils._read_idx_gz(str(fake.files["train-labels-idx1-ubyte"]))
+    images = data._read_idx_gz(str(fake.files["train-images-idx3-ubyte"]))
+    labels = data._read_idx_gz(str(fake.files["train-labels-idx1-ubyte"]))
     assert images.dtype == np.uint8 and images.shape == (300, 28, 28)
     np.testing.assert_array_equal(images, fake.images)
     assert labels.shape == (300,) and labels.tolist() == fake.labels
-    test_images = utils._read_idx_gz(str(fake.files["t10k-images-idx3-ubyte"]))
+    test_images = data._read_idx_gz(str(fake.files["t10k-images-idx3-ubyte"]))
     np.testing.assert_array_equal(test_images, fake.test_images)
 
 
@@ -129,7 +113,7 @@ def test_read_idx_returns_written_arrays(tmp_path, gz):
 @pytest.mark.parametrize("sub", [".", "fashion-mnist", "FashionMNIST/raw"])
 def test_fashion_mnist_found_via_data_root(tmp_path, gz, sub, no_system_fashion, offline):
     fake = make_idx_root(tmp_path / sub, n=120, gz=gz, seed=3)
-    images, targets, classes = utils.load_dataset("fashion_mnist", str(tmp_path))
+    images, targets, classes = data.load_dataset("fashion_mnist", str(tmp_path))
     assert images.dtype == np.uint8 and images.shape == (120, 28, 28, 1)
     np.testing.assert_array_equal(images[..., 0], fake.images)
     assert targets == fake.labels and all(type(t) is int for t in targets)
@@ -140,8 +124,8 @@ def test_fashion_mnist_found_via_data_root(tmp_path, gz, sub, no_system_fashion,
 def test_fashion_mnist_found_in_system_dir(tmp_path, fashion_fake, monkeypatch, offline):
     empty = tmp_path / "data"
     empty.mkdir()
-    monkeypatch.setattr(utils, "FASHION_MNIST_SYSTEM_DIR", str(fashion_fake.root))
-    images, targets, _ = utils.load_dataset("fashion_mnist", str(empty))
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(fashion_fake.root))
+    images, targets, _ = data.load_dataset("fashion_mnist", str(empty))
     np.testing.assert_array_equal(images[..., 0], fashion_fake.images)
     assert targets == fashion_fake.labels
     assert offline == []
@@ -149,8 +133,8 @@ def test_fashion_mnist_found_in_system_dir(tmp_path, fashion_fake, monkeypatch, 
 
 def test_fashion_mnist_data_root_wins_over_system_dir(tmp_path, fashion_fake, monkeypatch, offline):
     local = make_idx_root(tmp_path, n=50, gz=False, seed=9)
-    monkeypatch.setattr(utils, "FASHION_MNIST_SYSTEM_DIR", str(fashion_fake.root))
-    images, targets, _ = utils.load_dataset("fashion_mnist", str(tmp_path))
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", str(fashion_fake.root))
+    images, targets, _ = data.load_dataset("fashion_mnist", str(tmp_path))
     np.testing.assert_array_equal(images[..., 0], local.images)
     assert targets == local.labels
 
@@ -164,7 +148,7 @@ def test_fashion_mnist_data_root_wins_over_system_dir(tmp_path, fashion_fake, mo
 @pytest.mark.parametrize("offset", [0, 7, 33])
 def test_first_k_per_class_matches_paper_loop(seed, k, offset):
     targets = [int(t) for t in np.random.default_rng(seed).integers(0, 10, size=200)]
-    got = utils.first_k_per_class(targets, k, 10, offset)
+    got = data.first_k_per_class(targets, k, 10, offset)
     want = paper_first_k(targets, k, 10, offset)
     assert got == want
     assert len(got) == 10 * k and all(i >= offset for i in got) and got == sorted(got)
@@ -173,11 +157,11 @@ def test_first_k_per_class_matches_paper_loop(seed, k, offset):
 
 def test_first_k_per_class_hand_example():
     targets = [0, 1, 0, 2, 1, 0, 2, 2, 1, 0]
-    assert utils.first_k_per_class(targets, 1, 3) == [0, 1, 3]
-    assert utils.first_k_per_class(targets, 2, 3) == [0, 1, 2, 3, 4, 6]
-    assert utils.first_k_per_class(targets, 1, 3, offset=2) == [2, 3, 4]
-    assert utils.first_k_per_class(targets, 1, 3, exclude=[0, 3]) == [1, 2, 6]
-    assert utils.first_k_per_class(targets, 2, 3, offset=1, exclude=(2, 4)) == [1, 3, 5, 6, 8, 9]
+    assert data.first_k_per_class(targets, 1, 3) == [0, 1, 3]
+    assert data.first_k_per_class(targets, 2, 3) == [0, 1, 2, 3, 4, 6]
+    assert data.first_k_per_class(targets, 1, 3, offset=2) == [2, 3, 4]
+    assert data.first_k_per_class(targets, 1, 3, exclude=[0, 3]) == [1, 2, 6]
+    assert data.first_k_per_class(targets, 2, 3, offset=1, exclude=(2, 4)) == [1, 3, 5, 6, 8, 9]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -185,12 +169,12 @@ def test_first_k_per_class_exclude_matches_paper_loop(seed):
     rng = np.random.default_rng(100 + seed)
     targets = [int(t) for t in rng.integers(0, 10, size=200)]
     exclude = set(int(i) for i in rng.choice(200, size=40, replace=False))
-    got = utils.first_k_per_class(targets, 3, 10, offset=5, exclude=np.array(sorted(exclude)))
+    got = data.first_k_per_class(targets, 3, 10, offset=5, exclude=np.array(sorted(exclude)))
     assert got == paper_first_k(targets, 3, 10, offset=5, exclude=exclude)
     assert not set(got) & exclude
     # The excluded images are disjoint from, and the next ones after, the first subset.
-    first = utils.first_k_per_class(targets, 3, 10)
-    second = utils.first_k_per_class(targets, 3, 10, exclude=first)
+    first = data.first_k_per_class(targets, 3, 10)
+    second = data.first_k_per_class(targets, 3, 10, exclude=first)
     assert not set(first) & set(second)
     assert second == paper_first_k(targets, 3, 10, exclude=set(first))
 
@@ -198,18 +182,18 @@ def test_first_k_per_class_exclude_matches_paper_loop(seed):
 def test_first_k_per_class_on_fixture_labels(cifar10_fake):
     labels = cifar10_fake.labels
     for k, offset in [(1, 0), (2, 0), (25, 0), (3, 41)]:
-        assert utils.first_k_per_class(labels, k, 10, offset) == paper_first_k(labels, k, 10, offset)
+        assert data.first_k_per_class(labels, k, 10, offset) == paper_first_k(labels, k, 10, offset)
 
 
 def test_first_k_per_class_too_large_k_or_offset_is_a_user_error(cifar10_fake):
     labels = cifar10_fake.labels  # 30 images per class
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.first_k_per_class(labels, 31, 10)
-    assert_one_line_error(excinfo, "--num_imgs_per_class", "--offset")
-    with pytest.raises(utils.UserError):
-        utils.first_k_per_class(labels, 2, 10, offset=295)
-    with pytest.raises(utils.UserError):
-        utils.first_k_per_class([0, 1, 2], 1, 10)  # classes 3..9 absent
+    with pytest.raises(UserError) as excinfo:
+        data.first_k_per_class(labels, 31, 10)
+    one_line_error(excinfo, "--num_imgs_per_class", "--offset")
+    with pytest.raises(UserError):
+        data.first_k_per_class(labels, 2, 10, offset=295)
+    with pytest.raises(UserError):
+        data.first_k_per_class([0, 1, 2], 1, 10)  # classes 3..9 absent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,12 +201,12 @@ def test_first_k_per_class_too_large_k_or_offset_is_a_user_error(cifar10_fake):
 
 
 def test_cifar10_normalisation_is_the_papers():
-    mean, std = utils.NORMALISATION["cifar10"]
+    mean, std = data.NORMALISATION["cifar10"]
     assert tuple(mean) == PAPER_CIFAR_MEAN and tuple(std) == PAPER_CIFAR_STD
 
 
 def test_load_subset_cifar10_denormalises_to_the_uint8_images(cifar10_fake):
-    sub = utils.load_subset("cifar10", str(cifar10_fake.root), 3, offset=4)
+    sub = data.load_subset("cifar10", str(cifar10_fake.root), 3, offset=4)
     want_idx = paper_first_k(cifar10_fake.labels, 3, 10, offset=4)
     assert sub["indices"].tolist() == want_idx
     assert sub["labels"].tolist() == [cifar10_fake.labels[i] for i in want_idx]
@@ -235,18 +219,18 @@ def test_load_subset_cifar10_denormalises_to_the_uint8_images(cifar10_fake):
     mean = torch.tensor(PAPER_CIFAR_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor(PAPER_CIFAR_STD, dtype=torch.float64).view(1, 3, 1, 1)
     assert (x.double() * std + mean - want).abs().max().item() <= 1e-6
-    assert (utils.denormalise(x, sub["mean"], sub["std"]).double() - want).abs().max().item() <= 1e-6
+    assert (data.denormalise(x, sub["mean"], sub["std"]).double() - want).abs().max().item() <= 1e-6
     # normalised, not raw: per-channel values are (v - mean) / std
     assert (x.double() - (want - mean) / std).abs().max().item() <= 1e-5
     assert sub["classes"] == CIFAR10_CLASSES and sub["dataset"] == "cifar10"
 
 
 def test_load_subset_fashion_mnist_is_one_channel(fashion_fake, no_system_fashion, offline):
-    sub = utils.load_subset("fashion_mnist", str(fashion_fake.root), 2)
+    sub = data.load_subset("fashion_mnist", str(fashion_fake.root), 2)
     idx = paper_first_k(fashion_fake.labels, 2, 10)
     assert sub["images"].shape == (20, 1, 28, 28)
     want = torch.from_numpy(fashion_fake.images[idx].astype(np.float64) / 255.0)[:, None]
-    got = utils.denormalise(sub["images"], sub["mean"], sub["std"]).double()
+    got = data.denormalise(sub["images"], sub["mean"], sub["std"]).double()
     assert (got - want).abs().max().item() <= 1e-6
     assert sub["mean"].tolist() == pytest.approx([0.2860]) and sub["std"].tolist() == pytest.approx([0.3530])
 
@@ -256,7 +240,7 @@ def test_load_subset_fashion_mnist_is_one_channel(fashion_fake, no_system_fashio
 
 
 def test_folder_dataset_reads_the_tree(folder_fake):
-    images, targets, classes = utils.load_dataset("folder", str(folder_fake.root))
+    images, targets, classes = data.load_dataset("folder", str(folder_fake.root))
     assert list(classes) == folder_fake.classes
     assert targets == folder_fake.labels and len(targets) == 50
     for i in (0, 7, 49):
@@ -267,12 +251,12 @@ def test_folder_dataset_reads_the_tree(folder_fake):
 
 
 def test_load_subset_folder_yields_3x32x32(folder_fake):
-    sub = utils.load_subset("folder", str(folder_fake.root), 2)
+    sub = data.load_subset("folder", str(folder_fake.root), 2)
     assert sub["images"].shape == (20, 3, 32, 32)
     idx = paper_first_k(folder_fake.labels, 2, 10)
     assert sub["indices"].tolist() == idx
     want = torch.from_numpy(folder_fake.images[idx].astype(np.float64) / 255.0).permute(0, 3, 1, 2)
-    got = utils.denormalise(sub["images"], sub["mean"], sub["std"]).double()
+    got = data.denormalise(sub["images"], sub["mean"], sub["std"]).double()
     assert (got - want).abs().max().item() <= 1e-6
 
 
@@ -281,7 +265,7 @@ def test_folder_with_grey_images_is_converted_to_rgb(tmp_path):
     fake = make_image_folder(tmp_path, n_per_class=1, classes=2)
     grey = np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)
     Image.fromarray(grey, mode="L").save(tmp_path / "train" / fake.classes[0] / "0000.png")
-    images, _, _ = utils.load_dataset("folder", str(tmp_path))
+    images, _, _ = data.load_dataset("folder", str(tmp_path))
     img = np.asarray(images(0) if callable(images) else images[0])
     assert img.shape == (32, 32, 3)
     np.testing.assert_array_equal(img, np.repeat(grey[..., None], 3, axis=2))
@@ -292,32 +276,32 @@ def test_folder_with_grey_images_is_converted_to_rgb(tmp_path):
 
 
 def test_cifar10_missing_offline_is_a_one_line_user_error(empty_dir, offline):
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.load_dataset("cifar10", str(empty_dir))
-    assert_one_line_error(excinfo, "cifar10", str(empty_dir), "--data_root", "cifar-10-batches-py")
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("cifar10", str(empty_dir))
+    one_line_error(excinfo, "cifar10", str(empty_dir), "--data_root", "cifar-10-batches-py")
     assert "URLError" in str(excinfo.value)
     # the (blocked) download was the only thing tried
     assert [name for name, _, _ in offline] == ["CIFAR10"]
 
 
 def test_fashion_mnist_missing_offline_is_a_one_line_user_error(empty_dir, no_system_fashion, offline):
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.load_dataset("fashion_mnist", str(empty_dir))
-    assert_one_line_error(excinfo, str(empty_dir), "apt-get install dataset-fashion-mnist")
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("fashion_mnist", str(empty_dir))
+    one_line_error(excinfo, str(empty_dir), "apt-get install dataset-fashion-mnist")
     assert [name for name, _, _ in offline] == ["FashionMNIST"]
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar100", "svhn"])
 def test_torchvision_datasets_missing_offline_are_user_errors(empty_dir, offline, name):
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.load_dataset(name, str(empty_dir))
-    assert_one_line_error(excinfo, name, "--data_root")
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset(name, str(empty_dir))
+    one_line_error(excinfo, name, "--data_root")
 
 
 def test_unknown_dataset_is_a_one_line_user_error(offline):
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.load_dataset("imagenet", "./data")
-    msg = assert_one_line_error(excinfo, "'imagenet'", "choose one of")
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("imagenet", "./data")
+    msg = one_line_error(excinfo, "'imagenet'", "choose one of")
     for name in ("cifar10", "fashion_mnist", "folder"):
         assert name in msg
     assert offline == []
@@ -325,23 +309,13 @@ def test_unknown_dataset_is_a_one_line_user_error(offline):
 
 def test_folder_missing_path_is_a_one_line_user_error(tmp_path, offline):
     missing = tmp_path / "nowhere"
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.load_dataset("folder", str(missing))
-    assert_one_line_error(excinfo, str(missing / "train"), "--data_root", "train/<class>")
-
-
-def test_run_main_prints_one_line_and_exits_2(capsys):
-    def main(args):
-        raise utils.UserError("something is wrong; do this instead")
-    with pytest.raises(SystemExit) as excinfo:
-        utils.run_main(main, lambda: None)
-    assert excinfo.value.code == 2
-    err = capsys.readouterr().err
-    assert err == "error: something is wrong; do this instead\n"
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("folder", str(missing))
+    one_line_error(excinfo, str(missing / "train"), "--data_root", "train/<class>")
 
 
 def test_folder_with_empty_train_dir_is_a_user_error(tmp_path, offline):
     (tmp_path / "train").mkdir()
-    with pytest.raises(utils.UserError) as excinfo:
-        utils.load_dataset("folder", str(tmp_path))
-    assert_one_line_error(excinfo, "--data_root")
+    with pytest.raises(UserError) as excinfo:
+        data.load_dataset("folder", str(tmp_path))
+    one_line_error(excinfo, "--data_root")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import build_model
-from recons import SGDConfig, loss_gradient, simulate_training
+from simudy.simulate import SGDConfig, loss_gradient, simulate_training
 from train import sgd_train
 
 

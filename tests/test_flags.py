@@ -1,5 +1,6 @@
-"""--preset (named recipes for the dummies' optimisation), --schedule and --max_minutes."""
-import csv
+"""simudy/flags.py: --preset (named recipes for the dummies' optimisation) through parse_with_preset,
+--schedule, and the shared flag groups."""
+import argparse
 import json
 import math
 import os
@@ -10,13 +11,9 @@ import torch
 import draw_pics
 import metrics
 import recons
-from tests.test_pipeline import mlp_run, one_line_error, run  # noqa: F401  (mlp_run is a fixture)
-from utils import PRESETS, UserError
-
-
-def log_rows(run_dir):
-    with open(os.path.join(run_dir, "log.csv")) as f:
-        return list(csv.DictReader(f))
+from simudy.flags import PRESETS, add_metrics_args, number_or_auto, parse_with_preset
+from simudy.runs import AUTO
+from tests.helpers import log_rows, reference_avg_ssim, run
 
 
 def test_preset_sets_defaults_and_explicit_flags_win():
@@ -40,6 +37,26 @@ def test_preset_sets_defaults_and_explicit_flags_win():
     assert (abbreviated.snapshot, abbreviated.eval_epoch) == (None, 4)
 
 
+def test_parse_with_preset_leaves_the_parsers_defaults_as_they_were():
+    """One parser parsing twice: what the first parse gave or the preset set must not leak into the second."""
+    parser = argparse.ArgumentParser()
+    add_metrics_args(parser)
+    first = parse_with_preset(parser, ["--preset", "fast", "--eval_step", "3"])
+    assert (first.snapshot, first.eval_step) == (None, 3)
+    again = parse_with_preset(parser, [])
+    assert (again.preset, again.snapshot, again.eval_epoch, again.eval_step) == ("paper", None, 5, 12)
+    assert parse_with_preset(parser, ["--preset", "fast"]).snapshot == "last"
+
+
+def test_number_or_auto():
+    parse = number_or_auto(float)
+    assert parse("auto") == AUTO and parse("0.5") == 0.5
+    with pytest.raises(ValueError):
+        parse("fast")
+    with pytest.raises(SystemExit):  # argparse names the type in its one-line message
+        recons.parse_args(["--rlr", "fast"])
+
+
 def test_fast_preset_folder_schedule_and_scoring(mlp_run):
     flags, _ = mlp_run
     common = flags + ["--tlr", 0.05, "--preset", "fast"]
@@ -59,47 +76,10 @@ def test_fast_preset_folder_schedule_and_scoring(mlp_run):
     assert not paper_dir.endswith("_fast")
     assert float(log_rows(paper_dir)[-1]["lr"]) == pytest.approx(0.5e-2 * (1 + math.cos(math.pi * 5 / 100)))
     # metrics.py finds the fast run from the same flags and scores its last snapshot
-    result = metrics.main(metrics.parse_args([str(a) for a in common]))
+    result = run(metrics, common)
     assert result["snapshot"].endswith("0_5.pth")
-    assert 0 <= result["avg_ssim"] <= 1
-
-
-def test_simulating_the_trainings_epochs_makes_the_true_images_the_optimum(mlp_run):
-    """Why the fast preset uses --steps 0: with the training's epochs the match loss at the true images is
-    0 (the simulation replays the training exactly); with another count it is not, so the dummies can fit
-    the direction better by moving away from the images, the drift benchmarks/README.md measured."""
-    flags, train_dir = mlp_run  # trained for 1 epoch
-    training = recons.load_training_run(train_dir, "cpu")
-    subset = torch.load(os.path.join(train_dir, "train_subset.pth"))
-    sgd = recons.sgd_config_from_training(training.config, 0.05)
-    args = recons.parse_args([str(a) for a in flags + ["--tlr", 0.05, "--preset", "fast"]])
-
-    def match_at_truth(epochs):
-        _, match, _ = recons.reconstruction_loss(training.model, training.theta0, training.buffers,
-                                                 subset["images"], subset["labels"], training.weight_change,
-                                                 5, epochs, sgd, 0.0, "cos")
-        return match.item()
-    assert recons.resolve_steps(args) == 1
-    assert match_at_truth(recons.resolve_steps(args)) < 1e-5
-    assert match_at_truth(3) > 1e-3
-
-
-def test_steps_0_without_a_training_run_is_a_one_line_error(mlp_run):
-    flags, _ = mlp_run
-    with pytest.raises(UserError) as e:
-        metrics.main(metrics.parse_args([str(a) for a in flags + ["--tlr", 0.07, "--preset", "fast"]]))
-    one_line_error(e, "--steps 0", "config.json", "--steps N")
-
-
-def test_max_minutes_stops_with_a_snapshot_and_resumes(mlp_run):
-    flags, _ = mlp_run
-    common = flags + ["--tlr", 0.05, "--steps", 2, "--rec_epochs", 1, "--rec_steps_per_epoch", 4,
-                      "--save_every", 0]
-    full = run(recons, common + ["--recons_dir", "full"])
-    # a deadline that has passed when the first iteration ends: one iteration, then a snapshot to score
-    cut = run(recons, common + ["--recons_dir", "cut", "--max_minutes", 1e-9])
-    assert len(log_rows(cut)) == 1 and os.path.isfile(os.path.join(cut, "0_0.pth"))
-    assert torch.load(os.path.join(cut, "resume.pth"), weights_only=False)["iteration"] == 0
-    run(recons, common + ["--recons_dir", "cut", "--resume"])
-    assert torch.equal(torch.load(os.path.join(full, "0_3.pth"))["x"], torch.load(os.path.join(cut, "0_3.pth"))["x"])
-    assert len(log_rows(cut)) == 4
+    train_images = torch.load(os.path.join(mlp_run.train_dir, "train_subset.pth"))["images"]
+    recons_x = torch.load(os.path.join(run_dir, "0_5.pth"))["x"]
+    assert result["avg_ssim"] == pytest.approx(reference_avg_ssim(train_images, recons_x), abs=1e-6)
+    saved = json.load(open(os.path.join(run_dir, "metrics", "0_5", "metrics.json")))
+    assert saved["avg_ssim"] == result["avg_ssim"]

@@ -1,11 +1,15 @@
-"""The memory-flat reverse pass must give the unrolled pass's loss and image gradient."""
+"""simudy/adjoint.py: the memory-flat reverse pass must give the unrolled pass's loss and image gradient;
+--backprop auto and the checkpoint interval."""
 import math
 
 import pytest
 import torch
 
 from models import build_model
-from recons import SGDConfig, auto_keep_every, reconstruction_loss_and_grad
+import simudy.adjoint
+from simudy.adjoint import auto_keep_every, choose_backprop, unrolled_graph_bytes
+from simudy.method import reconstruction_loss_and_grad
+from simudy.simulate import SGDConfig
 
 CASES = [  # (momentum, weight_decay, bn_train, clip_norm, keep_every)
     (0.0, 0.0, False, math.inf, 1),     # the paper's setting, clip off (outer epochs >= 5)
@@ -72,14 +76,14 @@ def test_auto_keep_every():
 
 
 def test_auto_picks_unrolled_when_it_fits_and_recompute_when_not(monkeypatch):
-    import recons
     model, theta0, buffers, weight_change = _setup("resnet18", (3, 16, 16))
     x, labels, sgd = torch.randn(40, 3, 16, 16), torch.arange(40) % 10, SGDConfig(lr=0.01)
-    need = recons.unrolled_graph_bytes(model, theta0, buffers, x, labels, 10, 2, sgd)
-    per_step = recons.unrolled_graph_bytes(model, theta0, buffers, x[:10], labels[:10], 10, 1, sgd)
+    need = unrolled_graph_bytes(model, theta0, buffers, x, labels, 10, 2, sgd)
+    per_step = unrolled_graph_bytes(model, theta0, buffers, x[:10], labels[:10], 10, 1, sgd)
     assert need == 8 * per_step  # 2 epochs x 4 batches, linear in the number of simulated steps
-    monkeypatch.setattr(recons, "device_memory_bytes", lambda device: need / recons.AUTO_MEMORY_SHARE * 2)
-    assert recons.choose_backprop("auto", model, theta0, buffers, x, labels, 10, 2, sgd)[0] == "unrolled"
-    monkeypatch.setattr(recons, "device_memory_bytes", lambda device: need / recons.AUTO_MEMORY_SHARE / 2)
-    assert recons.choose_backprop("auto", model, theta0, buffers, x, labels, 10, 2, sgd)[0] == "recompute"
-    assert recons.choose_backprop("unrolled", model, theta0, buffers, x, labels, 10, 2, sgd) == ("unrolled", None)
+    share = simudy.adjoint.AUTO_MEMORY_SHARE
+    monkeypatch.setattr(simudy.adjoint, "device_memory_bytes", lambda device: need / share * 2)
+    assert choose_backprop("auto", model, theta0, buffers, x, labels, 10, 2, sgd)[0] == "unrolled"
+    monkeypatch.setattr(simudy.adjoint, "device_memory_bytes", lambda device: need / share / 2)
+    assert choose_backprop("auto", model, theta0, buffers, x, labels, 10, 2, sgd)[0] == "recompute"
+    assert choose_backprop("unrolled", model, theta0, buffers, x, labels, 10, 2, sgd) == ("unrolled", None)

@@ -1,0 +1,171 @@
+"""Long, resumable probes of outer-optimisation ideas on a ResNet training run (issue 12): the SSIM of
+every snapshot against the true training images, and the loss, written to a JSON curve file.
+
+The simulation and the match loss are recons.py's, unchanged (unrolled pass). What differs is only how
+the dummies move: Adam's lr and schedule (one cosine decay, or step decays x0.1 at 3/8, 5/8, 7/8 of the
+run, each after an optional linear warm-up), signed gradients, a box constraint (pixels kept where
+[0, 1] images land after normalisation), a BatchNorm-statistics prior from theta0's running statistics
+(DeepInversion's: sum over BN layers of ||batch mean - running mean||_2 + ||batch var - running var||_2),
+and the number of simulated epochs. Labels are the dummies' balanced random labels (recons.py's draw).
+
+    python benchmarks/probe_resnet.py --name lr0.1 --lr 0.1 --iters 1500 --max_minutes 60
+    python benchmarks/probe_resnet.py --name lr0.1 --resume --max_minutes 60     # continue it
+"""
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from simudy.method import ADAM_BETAS, initial_dummies, reconstruction_loss  # noqa: E402
+from simudy.scoring import paper_avg_ssim  # noqa: E402
+from simudy.simulate import sgd_config_from_training  # noqa: E402
+from simudy.target import load_training_run  # noqa: E402
+
+CONFIG_B_RUN = os.path.join(ROOT, "benchmarks", "runs", "B", "ckpts", "model_ckpt",
+                            "resnet18_w16_folder_num_img20_bsz20_lr0.01")
+OUT_DIR = os.path.join(ROOT, "benchmarks", "runs", "probes")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="probe name: its files are runs/probes/<name>.{json,pth}")
+    p.add_argument("--train_dir", default=CONFIG_B_RUN)
+    p.add_argument("--steps", type=int, default=20, help="simulated epochs (0 = the training's)")
+    p.add_argument("--iters", type=int, default=1500, help="iterations of the whole schedule")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam lr (betas 0.8, 0.9, as recons.py)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "step", "constant"])
+    p.add_argument("--warmup", type=int, default=0, help="linear lr warm-up iterations")
+    p.add_argument("--signed", action="store_true", help="Adam on the sign of the gradient")
+    p.add_argument("--box", action="store_true", help="clamp pixels to the normalised [0, 1] range")
+    p.add_argument("--tv", type=float, default=2e-3, help="TV weight (sum over batches, as recons.py)")
+    p.add_argument("--bn_prior", type=float, default=0.0, help="weight of the BN-statistics prior")
+    p.add_argument("--bn_prior_until", type=float, default=1.0, help="share of the run with the prior on")
+    p.add_argument("--init_scale", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every", type=int, default=50, help="SSIM and a resume point every this many iterations")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max_minutes", type=float, default=0, help="stop resumably after this long (0: no limit)")
+    p.add_argument("--resume", action="store_true")
+    return p.parse_args(argv)
+
+
+def lr_factor(i, iters, schedule, warmup):
+    """Multiplier of the base lr at iteration i."""
+    if warmup and i < warmup:
+        return (i + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * i / iters)).item())
+    if schedule == "step":
+        return 0.1 ** sum(i >= f * iters for f in (3 / 8, 5 / 8, 7 / 8))
+    return 1.0
+
+
+class BNStatistics:
+    """Forward hooks on every BatchNorm2d that record its input's batch mean and variance, only while
+    `active` (the simulation's forwards must not be recorded)."""
+
+    def __init__(self, model):
+        self.active, self.terms = False, []
+        self.modules = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in self.modules:
+            m.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        if self.active:
+            x = inputs[0]
+            mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            self.terms.append(torch.norm(mean - module.running_mean) + torch.norm(var - module.running_var))
+
+    def prior(self, run, x):
+        """sum over BN layers of ||mean - running mean||_2 + ||var - running var||_2 at theta0."""
+        self.active, self.terms = True, []
+        try:
+            run.model.eval()
+            torch.func.functional_call(run.model, {**run.theta0, **run.buffers}, (x,))
+            return sum(self.terms)
+        finally:
+            self.active, self.terms = False, []
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    run = load_training_run(args.train_dir, "cpu")
+    subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
+    x_true = subset["images"]
+    data = run.config["data"]
+    steps = args.steps or run.config["args"]["epochs"]
+    x, labels, _ = initial_dummies(len(x_true), data["image_shape"], data["num_classes"], args.seed, "cpu")
+    with torch.no_grad():
+        x.mul_(args.init_scale / 0.5)
+    mean = torch.tensor(data["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data["std"]).view(1, -1, 1, 1)
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    sgd = sgd_config_from_training(run.config["args"], run.config["args"]["lr"])
+    bn = BNStatistics(run.model) if args.bn_prior else None
+    opt = torch.optim.Adam([x], lr=args.lr, betas=ADAM_BETAS)
+    os.makedirs(OUT_DIR, exist_ok=True)
+    json_path, state_path = (os.path.join(OUT_DIR, f"{args.name}.{ext}") for ext in ("json", "pth"))
+    record = {"args": vars(args), "curve": [], "seconds_per_iteration": None}
+    start, elapsed = 0, 0.0
+    if args.resume:
+        state = torch.load(state_path, weights_only=False)
+        with torch.no_grad():
+            x.copy_(state["x"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["iteration"], state["elapsed"]
+        record = json.load(open(json_path))
+        record["curve"] = [r for r in record["curve"] if r["iteration"] <= start]
+    elif os.path.exists(json_path):
+        sys.exit(f"error: probe {args.name} exists; pass --resume or another --name")
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    t0 = time.time()
+    deadline = t0 + 60 * args.max_minutes if args.max_minutes else None
+    loss_row = {}
+
+    def save(i):
+        record["curve"].append({"iteration": i, "seconds": round(elapsed + time.time() - t0, 1),
+                                "ssim": paper_avg_ssim(x_true, x.detach()), **loss_row})
+        record["seconds_per_iteration"] = (elapsed + time.time() - t0) / max(i, 1)
+        torch.save({"x": x.detach(), "opt": opt.state_dict(), "iteration": i,
+                    "elapsed": elapsed + time.time() - t0}, state_path)
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"{args.name} it {i} ssim {record['curve'][-1]['ssim']:.4f} {loss_row}", flush=True)
+
+    if start == 0:
+        save(0)
+    for i in range(start, args.iters):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * lr_factor(i, args.iters, args.schedule, args.warmup)
+        total, match, tv = reconstruction_loss(run.model, run.theta0, run.buffers, x, labels, run.weight_change,
+                                               run.config["args"]["bs"], steps, sgd, args.tv, "cos")
+        prior = torch.zeros(())
+        if bn is not None and i < args.bn_prior_until * args.iters:
+            prior = bn.prior(run, x)
+            total = total + args.bn_prior * prior
+        (grad,) = torch.autograd.grad(total, [x])
+        x.grad = grad.sign() if args.signed else grad
+        opt.step()
+        if args.box:
+            with torch.no_grad():
+                x.copy_(torch.max(torch.min(x, hi), lo))
+        loss_row = {"match": round(match.item(), 5), "tv": round(tv.item(), 4), "bn": round(float(prior), 3)}
+        done = i + 1
+        if done % args.every == 0 or done == args.iters or stop["now"] or (deadline and time.time() > deadline):
+            save(done)
+            if stop["now"] or (deadline and time.time() > deadline):
+                print(f"stopped at {done}; continue with --resume", flush=True)
+                break
+    return record
+
+
+if __name__ == "__main__":
+    main(parse_args())

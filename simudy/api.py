@@ -1,0 +1,168 @@
+"""The Python API: reconstruct the training images of a model trained anywhere, from its two state_dicts.
+
+    import simudy
+    result = simudy.reconstruct(model, theta0, theta_final, num_images=20, lr=1e-2, batch_size=20,
+                                epochs=20, preset="fast")
+    result.images, result.labels          # N×C×H×W (the training's normalisation) and N class labels
+
+recons.py's reconstruction goes through `reconstruct_from_args` below, as `reconstruct` does: the same
+options, defaults and outputs. Keyword options are recons.py's flags without the dashes.
+"""
+import argparse
+import functools
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .baselines import BASELINE_CANDIDATE_RATIO, reconstruct_baseline
+from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
+from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
+from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
+                     total_gradient_norms)
+from .errors import UserError
+from .runs import AUTO, CONFIG, RANKING, read_json, resolve_rec_lr, run_config, write_csv, write_json
+from .search import GRID_SEARCH_STEPS, auto_search, plot_auto_search, search_candidates, short_run
+from .target import training_run_from_states
+
+
+@dataclass
+class Reconstruction:
+    """What a reconstruction returns: the dummies at the end (N×C×H×W, in the training's normalisation),
+    their labels, the unknown-N ranking (--num_dummy, else None), the last loss and the run folder."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    ranking: Optional[torch.Tensor]
+    loss: float
+    run_dir: Optional[str]
+
+
+def reconstruction_args(**options):
+    """recons.py's flags as a Namespace: their defaults, then the preset's, then `options` (flag names
+    without dashes). An unknown option is a TypeError that lists the known ones."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_recons_id_args(parser)
+    add_runtime_args(parser)
+    add_reconstruction_args(parser)
+    known = vars(parser.parse_args([]))
+    unknown = set(options) - set(known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; recons.py's flags are {sorted(known)}")
+    preset = options.get("preset", known["preset"])
+    if preset not in PRESETS:
+        raise TypeError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    known.update({k: v for k, v in PRESETS[preset].items() if k in known})
+    known.update(options)
+    return argparse.Namespace(**known)
+
+
+def reconstruct(model, theta0, theta_final, num_images, lr, batch_size, epochs, *, image_shape, num_classes,
+                momentum=0.0, weight_decay=0.0, bn_mode="eval", mean=None, std=None, run_dir=None, **options):
+    """Reconstruct the training images of `model` from theta0 and theta_final (state_dicts of it).
+
+    The training is described by num_images, lr, batch_size, epochs, momentum, weight_decay and bn_mode
+    ("eval" or "train": BatchNorm's mode while training), as torch.optim.SGD over the images in a fixed
+    order (no shuffling); image_shape is (C, H, W) of one training image; mean and std (per channel) the
+    images' normalisation, needed only by box=True. Options are
+    recons.py's flags (preset="fast", rec_epochs=..., method="one_step", num_dummy=..., rlr="auto", ...);
+    steps=0 simulates `epochs` (the fast preset's choice; the paper's code simulates 8). Without run_dir the run folder is a temporary one, removed at the end.
+    Returns a Reconstruction."""
+    args = reconstruction_args(**options)
+    config = {"args": {"lr": lr, "bs": batch_size, "epochs": epochs, "momentum": momentum,
+                       "weight_decay": weight_decay, "bn_mode": bn_mode},
+              "data": {"num_images": num_images, "num_classes": num_classes, "image_shape": list(image_shape)}}
+    if mean is not None and std is not None:
+        config["data"].update(mean=list(mean), std=list(std))
+    args.steps = args.steps or epochs
+    args.rec_lr = resolve_rec_lr(args, args.method)
+    device = pick_device(args.device)
+    set_seed(args.seed)
+    run = training_run_from_states(model, theta0, theta_final, config, device)
+    if run_dir is not None:
+        return reconstruct_from_args(run, args, device, run_dir, args.rlr or lr, args.rbs or batch_size)
+    with tempfile.TemporaryDirectory(prefix="simudy_") as tmp:
+        return reconstruct_from_args(run, args, device, os.path.join(tmp, "run"), args.rlr or lr,
+                                     args.rbs or batch_size)
+
+
+def num_dummies(requested, num_train, method):
+    """--num_dummy, else N (SimuDy) or 2N candidates (baselines)."""
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--num_dummy {requested} must be at least 1")
+        return requested
+    return num_train if method == "simudy" else BASELINE_CANDIDATE_RATIO * num_train
+
+
+def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, train_images=None):
+    """The reconstruction run that recons.py's flags `args` describe, on a TrainingRun, into run_dir, with
+    the simulation's lr and batch size rlr, rbs (each a value or "auto"): the auto search first (each short
+    run also scored when the training images are given; run_dir may then be a function of the resolved
+    args), then SimuDy (or the baseline args.method) with its log, snapshots and resume state. Returns a
+    Reconstruction."""
+    data = run.config["data"]
+    num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
+    if args.method != "simudy":
+        x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
+        return Reconstruction(x.cpu(), labels.cpu(), None, float("nan"), run_dir)
+    search = None
+    if AUTO in (rlr, rbs):
+        candidates = search_candidates(rlr, rbs, None, run.config["args"]["bs"], args.rlr_candidates,
+                                       args.rbs_candidates)
+        search = auto_search(run, args, candidates, num_dummy, args.rec_lr, device, train_images)
+        rlr = args.rlr = search[0]["rlr"]
+        rbs = args.rbs = search[0]["rbs"]
+        if callable(run_dir):  # the CLI names the folder after the chosen values
+            run_dir = run_dir(args)
+        print(f"\nauto search chose --rlr {rlr:g} --rbs {rbs} (lowest loss after {GRID_SEARCH_STEPS}"
+              f" steps); run folder {run_dir}")
+
+    x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+    setup, graph_bytes = simudy_setup(run, rlr, rbs, args, x, labels)
+    if graph_bytes is not None:
+        print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
+    total = args.rec_epochs * args.rec_steps_per_epoch
+    opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup)
+    fields = LOG_FIELDS[:-1] + ["bn", LOG_FIELDS[-1]] if setup.bn_prior else LOG_FIELDS  # bn before seconds
+    state = RunState({"x": x}, {"optimizer": opt, "scheduler": sched}, labels, list(fields))
+    start = open_run(run_dir, state, args.resume, args.overwrite, device)
+    config = run_config(args, train_dir, device, rlr=rlr, rbs=rbs, num_dummy=num_dummy,
+                        simulation=vars(setup.sgd), backprop=setup.backprop)
+    if search:
+        write_csv(os.path.join(run_dir, "auto_search.csv"), search, ["rlr", "rbs", "final_loss", "avg_ssim"])
+        plot_auto_search(search, os.path.join(run_dir, "auto_search.png"))
+        config["auto_search"] = {"steps": GRID_SEARCH_STEPS, "chosen": {"rlr": rlr, "rbs": rbs},
+                                 "candidates": search}
+    elif args.resume:  # a resumed run keeps the record of the search that chose its values
+        config.update({k: v for k, v in read_json(os.path.join(run_dir, CONFIG)).items() if k == "auto_search"})
+    write_json(os.path.join(run_dir, CONFIG), config)
+
+    if args.grid_search:
+        iterations = min(GRID_SEARCH_STEPS, args.max_iterations or GRID_SEARCH_STEPS)
+        loss = short_run(setup, x, labels, args.rec_lr, iterations, os.path.join(run_dir, "log.csv"))
+        write_json(os.path.join(run_dir, "grid_result.json"),
+                   {"rlr": rlr, "rbs": rbs, "final_loss": loss, "iterations": iterations})
+        print(final_loss_text(loss, run_dir))
+        return Reconstruction(x.detach().cpu(), labels.cpu(), None, loss, run_dir)
+
+    ranked = {}  # the newest snapshot's ranking, for ranking.csv
+
+    def write_snapshot(iteration):
+        epoch, step = divmod(iteration, args.rec_steps_per_epoch)
+        if args.num_dummy:  # the unknown-N ranking; the simulation's sgd, clip off
+            norms = total_gradient_norms(run.model, run.theta0, run.buffers, x, labels, setup.rbs, setup.epochs,
+                                         setup.sgd)
+            ranked.update(ranking=rank_dummies(norms), grad_norms=norms)
+        return save_snapshot(run_dir, epoch, x, labels, epoch, step, **ranked)
+    iterate = functools.partial(simudy_iteration, setup, x, labels, opt, sched)
+    loss = run_to_end(run_dir, state, start, total, args.max_iterations, iterate,
+                      snapshot_interval(args.save_every, "simudy"), args.rec_steps_per_epoch, write_snapshot,
+                      args.max_minutes)
+    if ranked:  # every run that ends or stops writes a snapshot at its last iteration
+        write_csv(os.path.join(run_dir, RANKING),
+                  [{"rank": r, "dummy": int(j), "label": int(labels[j]), "grad_norm": float(ranked["grad_norms"][j])}
+                   for r, j in enumerate(ranked["ranking"])], ["rank", "dummy", "label", "grad_norm"])
+    print(final_loss_text(loss, run_dir))
+    return Reconstruction(x.detach().cpu(), labels.cpu(), ranked.get("ranking"), loss, run_dir)

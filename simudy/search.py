@@ -1,0 +1,144 @@
+"""Unknown training hyper-parameters: the paper's selection of the simulation lr / batch size by short runs
+(--rlr/--rbs auto in-process, grid_search.sh across processes), its summary table, and the submitit
+launcher that runs grid_search.sh's candidates as a SLURM job array."""
+import dataclasses
+import functools
+import math
+import os
+import sys
+
+import numpy as np
+
+from .errors import UserError
+from .loop import run_iterations
+from .method import initial_dummies, simudy_iteration, simudy_optimisers, simudy_setup
+from .runs import AUTO, read_json, write_csv, write_json
+from .scoring import paper_avg_ssim
+
+GRID_SEARCH_STEPS = 50    # --grid_search 1 and --rlr/--rbs auto: one epoch of 50 steps
+# The paper's lr sweep (grid_search.sh): 0.020 down to 0.001 in steps of 0.001.
+PAPER_RLR_CANDIDATES = tuple(round(0.001 * k, 3) for k in range(20, 0, -1))
+
+
+def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
+    """The paper's selection run (--grid_search 1, --rlr/--rbs auto): `iterations` SimuDy steps in one
+    epoch from the given start, no snapshots. Returns the last loss (nan if it diverged)."""
+    opt, sched = simudy_optimisers(x, rec_lr)
+    one_epoch = dataclasses.replace(setup, steps_per_epoch=iterations)
+    row, _ = run_iterations(functools.partial(simudy_iteration, one_epoch, x, labels, opt, sched), range(iterations),
+                            log_path, stop_on_nonfinite=True)
+    return float("nan") if row is None else row["total"]
+
+
+def search_candidates(rlr, rbs, tlr, bs, rlr_candidates, rbs_candidates):
+    """(rlr, rbs) pairs to try: the candidates of each flag that is auto, the resolved value of the other."""
+    if rlr == AUTO:
+        rlrs = rlr_candidates or list(PAPER_RLR_CANDIDATES)
+    else:
+        rlrs = [rlr or tlr]
+    if rbs == AUTO:
+        rbss = rbs_candidates or sorted({max(1, bs // 2), bs, 2 * bs})
+    else:
+        rbss = [rbs or bs]
+    if min(rlrs) <= 0 or min(rbss) < 1:
+        raise UserError("--rlr_candidates must be positive and --rbs_candidates at least 1; fix the lists")
+    return [(lr, b) for b in dict.fromkeys(rbss) for lr in dict.fromkeys(rlrs)]
+
+
+def auto_search(run, args, candidates, num_dummy, rec_lr, device, train_images=None):
+    """A short run per (rlr, rbs) from the same seeded start; returns rows sorted by final loss (best
+    first), with each run's avg SSIM against the training images when those are given."""
+    data = run.config["data"]
+    rows = []
+    for rlr, rbs in candidates:
+        x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+        setup, _ = simudy_setup(run, rlr, rbs, args, x, labels)
+        loss = short_run(setup, x, labels, rec_lr, GRID_SEARCH_STEPS)
+        ssim = None if train_images is None else paper_avg_ssim(train_images, x.detach().cpu())
+        rows.append({"rlr": rlr, "rbs": rbs, "final_loss": loss, "avg_ssim": ssim})
+    rows = print_candidates(rows)
+    if not math.isfinite(rows[0]["final_loss"]):
+        raise UserError("every short run's loss became nan or inf; lower --rec_lr or try smaller --rlr_candidates")
+    return rows
+
+
+def plot_auto_search(rows, path):
+    """Final loss vs rlr, a line per rbs; avg SSIM on a second axis (the paper's Fig. 2: loss tracks SSIM)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ssim_ax = ax.twinx() if any(r["avg_ssim"] is not None for r in rows) else None
+    for rbs in sorted({r["rbs"] for r in rows}):
+        line = sorted((r for r in rows if r["rbs"] == rbs), key=lambda r: r["rlr"])
+        lrs = [r["rlr"] for r in line]
+        drawn = ax.plot(lrs, [r["final_loss"] for r in line], marker="o", label=f"loss, rbs {rbs}")
+        if ssim_ax:
+            ssim_ax.plot(lrs, [r["avg_ssim"] for r in line], marker="x", linestyle="--",
+                         color=drawn[0].get_color(), label=f"SSIM, rbs {rbs}")
+    ax.set_xlabel("simulation lr (rlr)")
+    ax.set_ylabel(f"final loss after {GRID_SEARCH_STEPS} steps")
+    handles, names = ax.get_legend_handles_labels()
+    if ssim_ax:
+        ssim_ax.set_ylabel("avg SSIM (paper metric)")
+        more = ssim_ax.get_legend_handles_labels()
+        handles, names = handles + more[0], names + more[1]
+    ax.legend(handles, names, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_candidates(rows):
+    """Sort the short runs' rows (rlr, rbs, final_loss[, avg_ssim]) by final loss, diverged last; print them
+    as a table and return the sorted rows (the first is the paper's choice)."""
+    rows = sorted(rows, key=lambda r: (not np.isfinite(r["final_loss"]), r["final_loss"]))
+    with_ssim = any(r.get("avg_ssim") is not None for r in rows)
+    print(f"\n{'rlr':>8} {'rbs':>5} {'final loss':>12}" + (f" {'avg SSIM':>9}" if with_ssim else ""))
+    for r in rows:
+        print(f"{r['rlr']:>8g} {r['rbs']:>5d} {r['final_loss']:>12.6f}"
+              + (f" {r['avg_ssim']:>9.4f}" if with_ssim else ""))
+    return rows
+
+
+def summarise_grid_search(grid_dir, run_dirs):
+    """Print the candidates sorted by final loss, write grid_search.csv/json, return the best row."""
+    rows = []
+    for d in run_dirs:
+        result = read_json(os.path.join(d, "grid_result.json"), what="grid-search (recons.py --grid_search 1)")
+        rows.append({"rlr": result["rlr"], "rbs": result["rbs"], "final_loss": result["final_loss"], "dir": d})
+    rows = print_candidates(rows)
+    best = rows[0]
+    print(f"\nsuggested: --rlr {best['rlr']:g} --rbs {best['rbs']}  (lowest loss after the short runs)")
+    os.makedirs(grid_dir, exist_ok=True)
+    write_csv(os.path.join(grid_dir, "grid_search.csv"), rows, ["rlr", "rbs", "final_loss", "dir"])
+    write_json(os.path.join(grid_dir, "grid_search.json"), {"best": best, "candidates": rows})
+    return best
+
+
+def submit_grid_search(job, argvs, folder, cluster=None, timeout_min=60, partition=None, gpus_per_job=0):
+    """grid_search.sh's cluster path (LAUNCHER=submitit): job(argv) (recons.py's run_argv) per argv as a
+    submitit job array (SLURM when available, cluster="local" runs them as local processes), then wait for all.
+    Returns the argvs whose jobs failed; each failure is printed."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("LAUNCHER=submitit needs submitit; pip install submitit, or drop LAUNCHER") from None
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster or None)
+    params = {"timeout_min": timeout_min}
+    if executor.cluster == "slurm":
+        params.update({"slurm_partition": partition} if partition else {})
+        params.update({"gpus_per_node": gpus_per_job} if gpus_per_job else {})
+    executor.update_parameters(**params)
+    jobs = executor.map_array(job, argvs)
+    print(f"submitted {len(jobs)} {executor.cluster} jobs; logs in {folder}")
+    failed = []
+    for job, argv in zip(jobs, argvs):
+        try:
+            job.result()
+        except Exception as err:  # a job's failure is reported, the others still count
+            failed.append(argv)
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            print(f"grid_search.sh: job {job.job_id} ({' '.join(argv[-8:])}) failed: {last}", file=sys.stderr)
+    return failed

@@ -1,0 +1,63 @@
+"""What the attacker knows: the model, theta0 and theta_final, and the training's hyper-parameters.
+
+`TrainingRun` is the same whether it comes from a train.py run folder (`load_training_run`) or from a
+model trained anywhere (`training_run_from_states`, the Python API's and `recons.py --theta0 FILE`'s way).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from models import build_model
+
+from .errors import UserError
+from .runs import CONFIG, THETA0, THETA_FINAL, load_checkpoint, read_json
+from .simulate import flat, parameter_names, split_state
+
+
+@dataclass
+class TrainingRun:
+    """A trained model to attack: theta0 and theta_final (parameters and buffers apart), the true change
+    theta0 - theta_final over the parameters (flat, in the model's parameter order) and a config with
+    the training's "args" (lr, bs, epochs, momentum, weight_decay, bn_mode) and "data" (num_images,
+    num_classes, image_shape, mean, std)."""
+    model: torch.nn.Module
+    theta0: dict
+    buffers: dict
+    theta_final: dict
+    final_buffers: dict
+    weight_change: torch.Tensor
+    config: dict
+
+
+def training_run_from_states(model, theta0_state, theta_final_state, config, device,
+                             where=("theta0", "theta_final"), fix="pass the model they were saved from"):
+    """A TrainingRun from a model and two state_dicts; a state_dict that does not fit the model is a
+    one-line UserError naming where it came from and the fix. The states are copied first: a state_dict
+    taken from `model` itself holds its live tensors, which loading theta0 would overwrite."""
+    theta0_state, theta_final_state = ({k: v.detach().clone() for k, v in s.items()}
+                                       for s in (theta0_state, theta_final_state))
+    for name, state in zip(where, (theta0_state, theta_final_state)):
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            raise UserError(f"{name} was saved from another architecture than this model ({type(model).__name__},"
+                            f" {sum(p.numel() for p in model.parameters())} parameters); {fix}") from None
+    model.to(device)
+    theta0, buffers = split_state(model, {k: v.to(device) for k, v in theta0_state.items()})
+    theta_final, final_buffers = split_state(model, {k: v.to(device) for k, v in theta_final_state.items()})
+    weight_change = flat(theta0[n] - theta_final[n] for n in parameter_names(model))
+    return TrainingRun(model, theta0, buffers, theta_final, final_buffers, weight_change, config)
+
+
+def load_training_run(train_dir, device, config=None):
+    """The TrainingRun of a train.py run folder (its config.json, when already read, as `config`)."""
+    config = config or read_json(os.path.join(train_dir, CONFIG), what="training (train.py)")
+    targs = config["args"]
+    model = build_model(targs["model_name"], config["data"]["num_classes"], config["data"]["image_shape"],
+                        targs["width"])
+    paths = [os.path.join(train_dir, file) for file in (THETA0, THETA_FINAL)]
+    theta0, theta_final = (load_checkpoint(path, name) for path, name in zip(paths, ("theta0", "theta_final")))
+    return training_run_from_states(model, theta0, theta_final, config, device, where=paths,
+                                    fix=f"its config.json says {targs['model_name']} width {targs['width']};"
+                                        f" retrain with train.py or fix the run folder")

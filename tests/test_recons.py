@@ -1,0 +1,63 @@
+"""recons.py, the command line: the same reconstruction from a train.py run folder or from two state_dict
+files (--theta0/--theta_final), and the one-line errors for flags and run folders that cannot work."""
+import os
+
+import pytest
+import torch
+
+import recons
+from models import build_model
+from simudy.errors import UserError
+from simudy.runs import AUTO
+from tests.helpers import log_without_seconds, one_line_error, run, run_script
+
+SHORT = ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 1, "--rec_steps_per_epoch", 3, "--save_every", 0]
+
+
+def test_state_dict_files_reconstruct_as_the_run_folder(mlp_run):
+    """--theta0 FILE --theta_final FILE with the flags describing the model and its training: the same
+    dummies and losses as from train.py's run folder."""
+    from_folder = run(recons, mlp_run.flags + SHORT)
+    files = ["--theta0", os.path.join(mlp_run.train_dir, "theta0.pth"),
+             "--theta_final", os.path.join(mlp_run.train_dir, "theta_final.pth"),
+             "--image_shape", 1, 28, 28, "--num_classes", 10, "--epochs", 1, "--recons_dir", "from_files"]
+    from_files = run(recons, ["--model_name", "mlp", "--width", 16, "--bs", 5, "--num_images", 10] + SHORT + files)
+    assert from_files == "from_files"
+    a, b = (torch.load(os.path.join(d, "0_2.pth")) for d in (from_folder, from_files))
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["labels"], b["labels"])
+    assert log_without_seconds(from_folder) == log_without_seconds(from_files)
+
+
+def test_bad_training_runs_give_one_line_errors(mlp_run):
+    flags, train_dir = mlp_run
+    recons_flags = flags + ["--tlr", 0.05, "--rec_epochs", 1, "--rec_steps_per_epoch", 2]
+    with pytest.raises(UserError) as e:  # training run of other flags does not exist
+        run(recons, recons_flags + ["--bs", 7])
+    one_line_error(e, "config.json", "run the training")
+
+    os.rename(os.path.join(train_dir, "theta_final.pth"), "moved.pth")
+    with pytest.raises(UserError) as e:
+        run(recons, recons_flags)
+    one_line_error(e, "theta_final", "not found")
+    os.rename("moved.pth", os.path.join(train_dir, "theta_final.pth"))
+
+    other = build_model("mlp", 10, (1, 28, 28), 8).state_dict()  # another width
+    torch.save(other, os.path.join(train_dir, "theta0.pth"))
+    with pytest.raises(UserError) as e:
+        run(recons, recons_flags)
+    one_line_error(e, "another architecture")
+
+
+@pytest.mark.parametrize("extra,needle", [(["--method", "one_step", "--rlr", AUTO], "drop them for --method"),
+                                          (["--rbs", AUTO, "--resume"], "pass the chosen --rlr/--rbs")])
+def test_auto_conflicts_are_one_line_errors(extra, needle):
+    with pytest.raises(UserError, match=needle) as e:  # before any file is read
+        run(recons, ["--model_name", "mlp"] + extra)
+    one_line_error(e)
+
+
+def test_scripts_exit_with_one_line_message(mlp_run):
+    """From the shell: exit code 2 and a single 'error:' line, no traceback."""
+    proc = run_script("recons.py", *mlp_run.flags, "--tlr", "0.05", "--bs", "9", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -1,0 +1,139 @@
+"""simudy/search.py and grid_search.sh, unknown training hyper-parameters: the candidates, --rlr/--rbs auto
+(the paper's short-run selection in-process), the grid search's summary, and grid_search.sh sequential
+(in test_pipeline.py, with the seed README), in parallel (JOBS, GPUS) and through submitit."""
+import csv
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import metrics
+import recons
+import simudy.search
+import train
+from simudy.errors import UserError
+from simudy.runs import AUTO, write_json
+from simudy.search import GRID_SEARCH_STEPS, PAPER_RLR_CANDIDATES, search_candidates, summarise_grid_search
+from tests.helpers import reference_avg_ssim, run, run_script
+
+TINY_RESNET = ["--width", "4", "--pretrain_imgs", "5", "--pretrain_epochs", "1"]
+
+
+def test_search_candidates():
+    both = search_candidates(AUTO, AUTO, 0.01, 20, None, None)
+    assert both == [(lr, bs) for bs in (10, 20, 40) for lr in PAPER_RLR_CANDIDATES]
+    assert PAPER_RLR_CANDIDATES[0] == 0.02 and PAPER_RLR_CANDIDATES[-1] == 0.001 and len(both) == 60
+    assert search_candidates(AUTO, 0, 0.01, 20, [0.05, 0.01, 0.05], None) == [(0.05, 20), (0.01, 20)]
+    assert search_candidates(0, AUTO, 0.01, 1, None, None) == [(0.01, 1), (0.01, 2)]  # bs // 2 = 0 dropped
+    assert search_candidates(0.03, AUTO, 0.01, 5, None, [7]) == [(0.03, 7)]
+    with pytest.raises(UserError, match="--rlr_candidates"):
+        search_candidates(AUTO, 0, 0.01, 5, [0.0], None)
+
+
+def test_rlr_auto_picks_lowest_short_run_loss(mlp_run, monkeypatch):
+    flags = mlp_run.flags + ["--tlr", 0.05, "--steps", 2]
+    scored = []  # (training images, dummies) of each short run the search scored, in candidate order
+    real_avg_ssim = simudy.search.paper_avg_ssim
+
+    def recording_avg_ssim(train_images, x, *args):
+        scored.append((train_images.clone(), x.clone()))
+        return real_avg_ssim(train_images, x, *args)
+    monkeypatch.setattr(simudy.search, "paper_avg_ssim", recording_avg_ssim)
+    recons_dir = run(recons, flags + ["--rlr", AUTO, "--rlr_candidates", 0.01, 0.05, "--rec_epochs", 1,
+                                      "--rec_steps_per_epoch", 2])
+    with open(os.path.join(recons_dir, "auto_search.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(float(r["rlr"]) for r in rows) == [0.01, 0.05] and {r["rbs"] for r in rows} == {"5"}
+    best = min(rows, key=lambda r: float(r["final_loss"]))
+    # train_subset.pth is there: each short run's SSIM too, the paper's number on the dummies it ended at
+    subset_images = torch.load(os.path.join(mlp_run.train_dir, "train_subset.pth"))["images"]
+    assert len(scored) == 2
+    for (train_images, x), rlr in zip(scored, (0.01, 0.05)):
+        assert torch.equal(train_images, subset_images)
+        row = next(r for r in rows if float(r["rlr"]) == rlr)
+        assert float(row["avg_ssim"]) == pytest.approx(reference_avg_ssim(train_images, x), abs=1e-6)
+    assert not torch.equal(scored[0][1], scored[1][1])  # two lrs, two different ends
+    assert recons_dir.endswith(f"_rbs5_rlr{float(best['rlr'])}_reclr0.01")
+    assert os.path.getsize(os.path.join(recons_dir, "auto_search.png")) > 0
+    config = json.load(open(os.path.join(recons_dir, "config.json")))
+    assert config["rlr"] == float(best["rlr"]) and config["auto_search"]["chosen"]["rlr"] == float(best["rlr"])
+    assert len(config["auto_search"]["candidates"]) == 2 and config["auto_search"]["steps"] == GRID_SEARCH_STEPS
+    assert os.path.isfile(os.path.join(recons_dir, "0_1.pth"))  # then the full (here 1 x 2) run
+
+    # the search's short run is --grid_search 1's: same start, same final loss
+    other = next(r for r in rows if r is not best)
+    grid_dir = run(recons, flags + ["--rlr", other["rlr"], "--grid_search", 1])
+    grid = json.load(open(os.path.join(grid_dir, "grid_result.json")))
+    assert grid["final_loss"] == pytest.approx(float(other["final_loss"]), rel=1e-6)
+    assert grid["iterations"] == GRID_SEARCH_STEPS
+    # metrics finds the run from the chosen value; 'auto' names no folder
+    assert run(metrics, flags + ["--rlr", best["rlr"], "--snapshot", "last"])["n_train"] == 10
+    with pytest.raises(UserError, match="--rlr auto names no run folder"):
+        run(metrics, flags + ["--rlr", AUTO, "--snapshot", "last"])
+
+
+def test_summarise_grid_search_sorts_by_loss_diverged_last(tmp_path, capsys):
+    results = [(0.02, 10, float("nan")), (0.01, 10, 0.25), (0.03, 20, 0.125), (0.005, 20, 0.5)]
+    dirs = []
+    for rlr, rbs, loss in results:
+        d = tmp_path / f"rlr{rlr}_rbs{rbs}"
+        d.mkdir()
+        write_json(str(d / "grid_result.json"), {"rlr": rlr, "rbs": rbs, "final_loss": loss, "iterations": 50})
+        dirs.append(str(d))
+    best = summarise_grid_search(str(tmp_path / "summary"), dirs)
+    assert (best["rlr"], best["rbs"], best["final_loss"]) == (0.03, 20, 0.125)
+    assert "suggested: --rlr 0.03 --rbs 20" in capsys.readouterr().out
+    with open(tmp_path / "summary" / "grid_search.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["rlr"]) for r in table] == [0.03, 0.01, 0.005, 0.02]  # by loss, the nan one last
+    assert [r["dir"] for r in table] == [dirs[2], dirs[1], dirs[3], dirs[0]]
+    saved = json.load(open(tmp_path / "summary" / "grid_search.json"))
+    assert saved["best"]["dir"] == dirs[2] and len(saved["candidates"]) == 4
+
+
+def grid_env(lrs, **extra):
+    """grid_search.sh's environment: this Python, lrs at batch size 10, the flags of a 1-image-per-class
+    tiny ResNet run on the CPU."""
+    return dict(os.environ, PYTHON=sys.executable, LR_LIST=lrs, BS_LIST="10", **extra,
+                ARGS="--num_imgs_per_class 1 --tlr 1e-2 --bs 10 --steps 1 --rec_lr 1e-2 --width 4 --device cpu")
+
+
+@pytest.mark.parametrize("parallel", [{"JOBS": "2"}, {"GPUS": "0,1"}])
+def test_grid_search_in_parallel(cifar_cwd, parallel):
+    """JOBS=2 splits the cores between two workers; GPUS=0,1 gives each worker one device through
+    CUDA_VISIBLE_DEVICES (recorded in each run's config.json). Same table as a sequential sweep."""
+    run(train, ["--num_imgs_per_class", 1, "--bs", 10, "--lr", 1e-2] + TINY_RESNET)
+    env = grid_env("0.02 0.03 0.01", **parallel)
+    if "JOBS" in parallel:
+        env.pop("OMP_NUM_THREADS", None)  # grid_search.sh gives each worker its share of the cores
+    proc = run_script("grid_search.sh", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 short runs, 2 at a time" in proc.stdout
+    configs = {lr: json.load(open(f"ckpts/grid_search/rlr{lr}_rbs10/config.json")) for lr in ("0.02", "0.03", "0.01")}
+    assert all(os.path.isfile(f"ckpts/grid_search/rlr{lr}_rbs10.log") for lr in configs)
+    if "GPUS" in parallel:  # worker 0 takes candidates 0 and 2, worker 1 candidate 1
+        assert [configs[lr]["cuda_visible_devices"] for lr in ("0.02", "0.03", "0.01")] == ["0", "1", "0"]
+    else:
+        assert all(c["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2) for c in configs.values())
+    table = json.load(open("ckpts/grid_search/grid_search.json"))["candidates"]
+    assert len(table) == 3 and table[0]["final_loss"] == min(c["final_loss"] for c in table)
+
+
+def test_grid_search_through_submitit_local(cifar_cwd):
+    """LAUNCHER=submitit in submitit's local mode (the SLURM path's stand-in): one job per candidate, the
+    same table; a failing candidate is reported and makes the sweep exit 1."""
+    pytest.importorskip("submitit")
+    run(train, ["--num_imgs_per_class", 1, "--bs", 10, "--lr", 1e-2] + TINY_RESNET)
+    env = grid_env("0.02 0.01", LAUNCHER="submitit", SUBMITIT_CLUSTER="local")
+    proc = run_script("grid_search.sh", env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "submitted 2 local jobs" in proc.stdout
+    table = json.load(open("ckpts/grid_search/grid_search.json"))["candidates"]
+    assert sorted(c["rlr"] for c in table) == [0.01, 0.02]
+    assert os.path.isdir("ckpts/grid_search/submitit")
+    # flags naming no training run (another width): every job fails, the sweep says so and exits 1
+    env["ARGS"] = env["ARGS"].replace("--width 4", "--width 8")
+    proc = run_script("grid_search.sh", env=env)
+    assert proc.returncode == 1 and "failed" in proc.stderr

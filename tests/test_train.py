@@ -1,0 +1,51 @@
+"""train.py, the command line: the run folder it writes (theta_final is plain SGD from theta0 on the subset
+it saved) and its one-line errors."""
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from models import MODELS, build_model
+from simudy.errors import UserError
+from tests.helpers import one_line_error, run
+
+
+def test_run_folder_holds_the_sgd_training_of_its_subset(mlp_run):
+    """theta_final.pth against sgd_train replayed from theta0.pth on train_subset.pth with config.json's
+    hyper-parameters: the folder holds everything the attack is told."""
+    train_dir = mlp_run.train_dir
+    assert {"theta0.pth", "theta_final.pth", "train_subset.pth", "config.json"} <= set(os.listdir(train_dir))
+    config = json.load(open(os.path.join(train_dir, "config.json")))
+    args, data = config["args"], config["data"]
+    assert (args["lr"], args["bs"], args["epochs"], args["model_name"], args["width"]) == (0.05, 5, 1, "mlp", 16)
+    assert data["image_shape"] == [1, 28, 28] and data["num_images"] == 10 and data["num_classes"] == 10
+    subset = torch.load(os.path.join(train_dir, "train_subset.pth"))
+    assert subset["images"].shape == (10, 1, 28, 28) and subset["labels"].bincount().tolist() == [1] * 10
+    model = build_model("mlp", 10, (1, 28, 28), 16)
+    model.load_state_dict(torch.load(os.path.join(train_dir, "theta0.pth")))
+    train.sgd_train(model, subset["images"], subset["labels"], lr=args["lr"], bs=args["bs"], epochs=args["epochs"],
+                    momentum=args["momentum"], weight_decay=args["weight_decay"], bn_mode=args["bn_mode"],
+                    progress=False)
+    theta_final = torch.load(os.path.join(train_dir, "theta_final.pth"))
+    theta0 = torch.load(os.path.join(train_dir, "theta0.pth"))
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, theta_final[name], rtol=0, atol=1e-7), name
+        assert not torch.equal(theta0[name], theta_final[name]), name  # the training moved every parameter
+
+
+def test_bad_inputs_give_one_line_errors(mlp_run, empty_dir, offline, capsys):
+    flags, _ = mlp_run
+    with pytest.raises(UserError) as e:  # missing dataset, offline
+        run(train, ["--data_root", empty_dir, "--model_name", "mlp"])
+    one_line_error(e, "cifar10", "--data_root")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # an unknown model: argparse's choices reject it
+        run(train, flags + ["--lr", 0.05, "--model_name", "transformer"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model_name: invalid choice:" in err and "transformer" in err
+    valid = err.split("choose from", 1)[1]  # the registry's names, whatever argparse's quoting
+    for name in MODELS:
+        assert name in valid, name
