@@ -137,3 +137,30 @@ def test_grid_search_through_submitit_local(cifar_cwd):
     env["ARGS"] = env["ARGS"].replace("--width 4", "--width 8")
     proc = run_script("grid_search.sh", env=env)
     assert proc.returncode == 1 and "failed" in proc.stderr
+
+
+def test_auto_lr_and_ranking_with_the_resnet_options(cifar_cwd):
+    """--rlr auto and the unknown-N ranking keep working with the ResNet options on (BN prior, box, signed
+    gradients, warm-up and step decays): the choice is the lowest short-run loss, each short run's SSIM is
+    recorded, and the M dummies are ranked by descending total-gradient norm."""
+    run(train, ["--num_imgs_per_class", 1, "--bs", 10, "--lr", 1e-2] + TINY_RESNET)
+    options = ["--bn_prior", 0.01, "--box", "--signed_grad", "--schedule", "step", "--warmup", 2, "--rec_lr", 0.05]
+    recons_dir = run(recons, ["--num_imgs_per_class", 1, "--bs", 10, "--tlr", 1e-2, "--width", 4, "--steps", 2,
+                              "--rlr", "auto", "--rlr_candidates", 0.02, 0.005, "--num_dummy", 14,
+                              "--rec_epochs", 1, "--rec_steps_per_epoch", 4, "--save_every", 2] + options)
+    with open(os.path.join(recons_dir, "auto_search.csv")) as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["final_loss"]) for r in rows]
+    assert len(rows) == 2 and losses == sorted(losses) and all(0 <= float(r["avg_ssim"]) <= 1 for r in rows)
+    config = json.load(open(os.path.join(recons_dir, "config.json")))
+    assert config["rlr"] == float(rows[0]["rlr"])
+    with open(os.path.join(recons_dir, "ranking.csv")) as f:
+        ranking = list(csv.DictReader(f))
+    norms = [float(r["grad_norm"]) for r in ranking]
+    assert len(ranking) == 14 and norms == sorted(norms, reverse=True) and norms[-1] > 0
+    with open(os.path.join(recons_dir, "log.csv")) as f:
+        log = list(csv.DictReader(f))
+    assert len(log) == 4 and all(float(r["bn"]) > 0 for r in log)
+    snap = torch.load(os.path.join(recons_dir, "0_3.pth"))
+    low, high = (0 - 0.4914) / 0.2023, (1 - 0.4465) / 0.2010  # the box's widest channel bounds
+    assert snap["x"].min() >= low - 1e-6 and snap["x"].max() <= high + 1e-6
