@@ -23,8 +23,8 @@ from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, s
 from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
                      total_gradient_norms)
 from .errors import UserError
-from .runs import AUTO, CONFIG, RANKING, read_json, resolve_rec_lr, run_config, write_csv, write_json
-from .search import GRID_SEARCH_STEPS, auto_search, plot_auto_search, search_candidates, short_run
+from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
+from .search import GRID_SEARCH_STEPS, auto_search, best_start, plot_auto_search, search_candidates, short_run
 from .target import training_run_from_states
 
 
@@ -120,6 +120,11 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
               f" steps); run folder {run_dir}")
 
     x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+    restarts = None
+    if args.restarts > 1 and not args.resume:  # a resumed run restores its images and labels
+        prepare_run_dir(run_dir, args.overwrite)  # refuse an existing folder before the slow restarts
+        x, labels, restarts = best_start(run, args, rlr, rbs, num_dummy, device, args.restarts,
+                                         args.restart_iterations)
     setup, graph_bytes = simudy_setup(run, rlr, rbs, args, x, labels)
     if graph_bytes is not None:
         print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
@@ -135,8 +140,11 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         plot_auto_search(search, os.path.join(run_dir, "auto_search.png"))
         config["auto_search"] = {"steps": GRID_SEARCH_STEPS, "chosen": {"rlr": rlr, "rbs": rbs},
                                  "candidates": search}
-    elif args.resume:  # a resumed run keeps the record of the search that chose its values
-        config.update({k: v for k, v in read_json(os.path.join(run_dir, CONFIG)).items() if k == "auto_search"})
+    if restarts:
+        config["restarts"] = {"iterations": args.restart_iterations, "starts": restarts}
+    if args.resume:  # a resumed run keeps the record of the search and the restarts that chose its start
+        config.update({k: v for k, v in read_json(os.path.join(run_dir, CONFIG)).items()
+                       if k in ("auto_search", "restarts") and k not in config})
     write_json(os.path.join(run_dir, CONFIG), config)
 
     if args.grid_search:

@@ -229,6 +229,10 @@ def add_reconstruction_args(p):
                    help="keep every pixel inside the range that [0, 1] images take after normalisation")
     g.add_argument("--signed_grad", action="store_true",
                    help="Adam on the sign of the dummies' gradient (Geiping et al.)")
+    g.add_argument("--restarts", default=1, type=int,
+                   help="K > 1: K starts (seeds seed..seed+K-1) run --restart_iterations each; the run goes on"
+                        " from the one with the lowest loss (costs K x those iterations first)")
+    g.add_argument("--restart_iterations", default=50, type=int, help="iterations of each restart")
     return p
 
 

@@ -30,6 +30,26 @@ def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
     return float("nan") if row is None else row["total"]
 
 
+def best_start(run, args, rlr, rbs, num_dummy, device, restarts, iterations):
+    """--restarts K: K starts (seeds seed .. seed+K-1), each moved `iterations` SimuDy steps by the short-run
+    recipe (the --grid_search one); returns (x, labels, rows) of the start whose loss is lowest then, rows
+    holding every start's seed and loss. Costs K x iterations iterations before the run itself."""
+    data = run.config["data"]
+    rows, best = [], None
+    for k in range(restarts):
+        x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed + k, device)
+        setup, _ = simudy_setup(run, rlr, rbs, args, x, labels)
+        loss = short_run(setup, x, labels, args.rec_lr, iterations)
+        rows.append({"seed": args.seed + k, "loss": loss})
+        if math.isfinite(loss) and (best is None or loss < best[2]):
+            best = (x, labels, loss)
+    if best is None:
+        raise UserError("every restart's loss became nan or inf; lower --rec_lr or --rlr")
+    print("restarts: " + ", ".join(f"seed {r['seed']} loss {r['loss']:.4f}" for r in rows)
+          + f"; continuing from the lowest")
+    return best[0].detach().requires_grad_(True), best[1], rows
+
+
 def search_candidates(rlr, rbs, tlr, bs, rlr_candidates, rbs_candidates):
     """(rlr, rbs) pairs to try: the candidates of each flag that is auto, the resolved value of the other."""
     if rlr == AUTO:

@@ -164,3 +164,22 @@ def test_auto_lr_and_ranking_with_the_resnet_options(cifar_cwd):
     snap = torch.load(os.path.join(recons_dir, "0_3.pth"))
     low, high = (0 - 0.4914) / 0.2023, (1 - 0.4465) / 0.2010  # the box's widest channel bounds
     assert snap["x"].min() >= low - 1e-6 and snap["x"].max() <= high + 1e-6
+
+
+def test_restarts_continue_from_the_lowest_loss_start(mlp_run):
+    """--restarts 3: three seeded starts, each moved by a short run; the run goes on from the lowest one,
+    which is the seed whose own short run reaches that loss; --restarts 1 is the plain run."""
+    common = mlp_run.flags + ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 1, "--rec_steps_per_epoch", 2,
+                              "--save_every", 1]
+    restarted = run(recons, common + ["--restarts", 3, "--restart_iterations", 4, "--recons_dir", "restarts"])
+    starts = json.load(open(os.path.join(restarted, "config.json")))["restarts"]["starts"]
+    assert [s["seed"] for s in starts] == [0, 1, 2] and len({s["loss"] for s in starts}) == 3
+    best = min(starts, key=lambda s: s["loss"])
+    plain = run(recons, common + ["--seed", best["seed"], "--recons_dir", "plain", "--max_iterations", 1])
+    assert torch.equal(torch.load(os.path.join(restarted, "labels.pth")),
+                       torch.load(os.path.join(plain, "labels.pth")))  # the winner's own labels
+    assert not torch.equal(torch.load(os.path.join(restarted, "0_0.pth"))["x"],
+                           torch.load(os.path.join(plain, "0_0.pth"))["x"])  # moved by its short run first
+    one = run(recons, common + ["--restarts", 1, "--recons_dir", "one"])
+    assert torch.equal(torch.load(os.path.join(one, "0_1.pth"))["x"],
+                       torch.load(os.path.join(run(recons, common + ["--recons_dir", "none"]), "0_1.pth"))["x"])
