@@ -133,3 +133,16 @@ def reference_avg_ssim(train_images, recons):
     code's greedy loop, the matched sum over the number of training images."""
     ssim = torch.tensor([[skimage_ssim(t, r) for r in recons] for t in train_images], dtype=torch.float64)
     return sum(ssim[r, c].item() for r, c in paper_greedy(ssim)) / len(train_images)
+
+
+def tiny_model(name, shape, width, seed=0, warm_batch=32):
+    """A seeded model; a ResNet gets non-trivial BatchNorm running statistics (one train-mode forward of
+    `warm_batch` random images), as after pretraining."""
+    from models import build_model
+    torch.manual_seed(seed)
+    model = build_model(name, 10, shape, width=width)
+    if name.startswith("resnet"):
+        with torch.no_grad():
+            model.train()
+            model(torch.randn(warm_batch, *shape))
+    return model

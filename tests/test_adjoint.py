@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from models import build_model
+from tests.helpers import tiny_model
 import simudy.adjoint
 from simudy.adjoint import auto_keep_every, choose_backprop, unrolled_graph_bytes
 from simudy.method import reconstruction_loss_and_grad
-from simudy.simulate import SGDConfig
+from simudy.simulate import SGDConfig, split_state
 
 CASES = [  # (momentum, weight_decay, bn_train, clip_norm, keep_every)
     (0.0, 0.0, False, math.inf, 1),     # the paper's setting, clip off (outer epochs >= 5)
@@ -21,15 +22,8 @@ CASES = [  # (momentum, weight_decay, bn_train, clip_norm, keep_every)
 
 
 def _setup(name, shape):
-    torch.manual_seed(0)
-    model = build_model(name, 10, shape, width=8 if name.startswith("resnet") else 32)
-    if name.startswith("resnet"):
-        with torch.no_grad():
-            model.train()
-            model(torch.randn(32, *shape))
-    state = model.state_dict()
-    theta0 = {n: state[n] for n, _ in model.named_parameters()}
-    buffers = {n: v for n, v in state.items() if n not in theta0}
+    model = tiny_model(name, shape, width=8 if name.startswith("resnet") else 32)
+    theta0, buffers = split_state(model, model.state_dict())
     weight_change = torch.randn(sum(p.numel() for p in theta0.values()))
     return model, theta0, buffers, weight_change
 

@@ -15,20 +15,14 @@ import train
 from models import build_model
 from simudy.baselines import BASELINE_LOSS_SCHEDULE, baseline_loss, baseline_loss_weights, weighted_gradient
 from simudy.method import total_variation
-from tests.helpers import run
+from simudy.simulate import split_state
+from tests.helpers import tiny_model, run
 
 
 def _model(name, shape):
-    torch.manual_seed(0)
-    model = build_model(name, 10, shape, width=4 if name.startswith("resnet") else 16)
-    if name.startswith("resnet"):  # non-trivial BN statistics, as after pretraining
-        with torch.no_grad():
-            model.train()
-            model(torch.randn(32, *shape))
+    model = tiny_model(name, shape, width=4 if name.startswith("resnet") else 16)
     model.eval()  # the baselines' BatchNorm mode (paper code)
-    state = model.state_dict()
-    params = {n: state[n] for n, _ in model.named_parameters()}
-    return model, params, {n: v for n, v in state.items() if n not in params}
+    return (model, *split_state(model, model.state_dict()))
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 8, 8)), ("resnet18", (3, 16, 16))])

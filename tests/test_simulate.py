@@ -6,18 +6,13 @@ import pytest
 import torch
 
 from models import build_model
-from simudy.simulate import SGDConfig, loss_gradient, simulate_training
+from tests.helpers import tiny_model
+from simudy.simulate import SGDConfig, loss_gradient, simulate_training, split_state
 from train import sgd_train
 
 
 def _model(name, shape, seed):
-    torch.manual_seed(seed)
-    model = build_model(name, 10, shape, width=8 if name.startswith("resnet") else 64)
-    if name.startswith("resnet"):  # non-trivial BN statistics, as after pretraining
-        with torch.no_grad():
-            model.train()
-            model(torch.randn(64, *shape))
-    return model
+    return tiny_model(name, shape, width=8 if name.startswith("resnet") else 64, seed=seed, warm_batch=64)
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 12, 12)), ("resnet18", (3, 16, 16))])
@@ -37,9 +32,8 @@ def test_simulation_reproduces_training(name, shape, bn_mode, momentum, weight_d
               weight_decay=weight_decay, bn_mode=bn_mode, progress=False)
     theta_final = trained.state_dict()
 
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: theta0[n] for n in names}
-    buffers = {n: v for n, v in theta0.items() if n not in params}
+    params, buffers = split_state(model, theta0)
+    names = list(params)
     batches = list(zip(images.split(10), labels.split(10)))
     sgd = SGDConfig(lr=0.01, momentum=momentum, weight_decay=weight_decay, bn_train=bn_mode == "train")
     theta_hat, displacement, buffers_hat = simulate_training(model, params, buffers, batches, 3, sgd,
