@@ -10,6 +10,7 @@ and the number of simulated epochs. Labels are the dummies' balanced random labe
 
     python benchmarks/probe_resnet.py --name lr0.1 --lr 0.1 --iters 1500 --max_minutes 60
     python benchmarks/probe_resnet.py --name lr0.1 --resume --max_minutes 60     # continue it
+    python benchmarks/probe_resnet.py --table b20_lr0.1_cos d20_lr0.1_cos        # their curves, one table
 """
 import argparse
 import json
@@ -35,7 +36,9 @@ OUT_DIR = os.path.join(ROOT, "benchmarks", "runs", "probes")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="probe name: its files are runs/probes/<name>.{json,pth}")
+    p.add_argument("--name", help="probe name: its files are runs/probes/<name>.{json,pth}")
+    p.add_argument("--table", nargs="+", metavar="NAME",
+                   help="print the SSIM curves of these probes as a markdown table (every 100 iterations) and exit")
     p.add_argument("--train_dir", default=CONFIG_B_RUN)
     p.add_argument("--steps", type=int, default=20, help="simulated epochs (0 = the training's)")
     p.add_argument("--iters", type=int, default=1500, help="iterations of the whole schedule")
@@ -94,7 +97,27 @@ class BNStatistics:
             self.active, self.terms = False, []
 
 
+def curve_table(names, every=100):
+    """Markdown rows: a probe's SSIM every `every` iterations and its last match loss."""
+    records = {n: json.load(open(os.path.join(OUT_DIR, f"{n}.json"))) for n in names}
+    last = max(r["curve"][-1]["iteration"] for r in records.values())
+    its = list(range(0, last + 1, every))
+    lines = ["| probe | " + " | ".join(str(i) for i in its) + " | match loss at the last |",
+             "|---|" + "---|" * (len(its) + 1)]
+    for n, r in records.items():
+        at = {c["iteration"]: c for c in r["curve"]}
+        cells = [f"{at[i]['ssim']:.3f}" if i in at else "" for i in its]
+        end = r["curve"][-1]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {end.get('match', '')} ({end['iteration']}) |")
+    return "\n".join(lines)
+
+
 def main(args):
+    if args.table:
+        print(curve_table(args.table))
+        return None
+    if not args.name:
+        sys.exit("error: pass --name (or --table NAME ...)")
     torch.set_num_threads(args.threads)
     run = load_training_run(args.train_dir, "cpu")
     subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))

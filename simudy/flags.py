@@ -65,6 +65,10 @@ PRESETS = {
     "paper": {},
     "fast": {"schedule": "cosine", "rec_epochs": 4, "rec_steps_per_epoch": 200, "clip_epochs": 1,
              "tv_weight": 2e-3, "steps": 0, "snapshot": "last"},
+    # ResNets (benchmarks/README.md, "ResNets"): the fast recipe with Adam lr 0.1 (the dummies must travel
+    # far from noise, and Adam moves a pixel about lr per step), pixels kept in the valid range, no clip.
+    "resnet": {"schedule": "cosine", "rec_epochs": 4, "rec_steps_per_epoch": 375, "clip_epochs": 0,
+               "tv_weight": 2e-3, "steps": 0, "rec_lr": 0.1, "box": True, "snapshot": "last"},
 }
 
 
@@ -95,9 +99,10 @@ def add_recons_id_args(parser):
     """Flags that name a reconstruction run (recons.py writes it, metrics/draw_pics read it)."""
     g = parser.add_argument_group("reconstruction run")
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
-                   help="recipe for the dummies' optimisation: paper (the paper code's) or fast (fewer"
-                        " iterations, one cosine decay, the training's epochs simulated; see README); a"
-                        " non-paper preset adds _<preset> to the folder name")
+                   help="recipe for the dummies' optimisation: paper (the paper code's), fast (fewer"
+                        " iterations, one cosine decay, the training's epochs simulated) or resnet (fast with"
+                        " Adam lr 0.1 and --box, 1,500 iterations); see README; a non-paper preset adds"
+                        " _<preset> to the folder name")
     g.add_argument("--steps", default=8, type=int,
                    help="simulated epochs (paper code default 8); 0 = the training's epochs, as the paper's"
                         " text (the fast preset's choice)")

@@ -83,3 +83,16 @@ def test_fast_preset_folder_schedule_and_scoring(mlp_run):
     assert result["avg_ssim"] == pytest.approx(reference_avg_ssim(train_images, recons_x), abs=1e-6)
     saved = json.load(open(os.path.join(run_dir, "metrics", "0_5", "metrics.json")))
     assert saved["avg_ssim"] == result["avg_ssim"]
+
+
+def test_resnet_preset_reaches_recons_and_metrics_alike():
+    """--preset resnet: Adam lr 0.1 and the box in recons.py, and the same folder name in metrics.py (which
+    has no --box, so takes only the preset's flags it has); explicit flags still win; the paper preset has
+    every prior off."""
+    rec = recons.parse_args(["--preset", "resnet"])
+    assert (rec.rec_lr, rec.box, rec.schedule, rec.steps, rec.clip_epochs) == (0.1, True, "cosine", 0, 0)
+    assert recons.parse_args(["--preset", "resnet", "--rec_lr", "0.03"]).rec_lr == 0.03
+    met = metrics.parse_args(["--preset", "resnet"])
+    assert met.rec_lr == 0.1 and met.snapshot == "last" and not hasattr(met, "box")
+    paper = recons.parse_args([])
+    assert (paper.bn_prior, paper.box, paper.signed_grad, paper.warmup, paper.restarts) == (0.0, False, False, 0, 1)
