@@ -10,7 +10,8 @@ DEMO_PRESET ?= --preset fast
 
 DEMO_RESNET_DIR ?= demo-resnet
 DEMO_RESNET_FLAGS ?= --dataset fashion_mnist --model_name resnet18 --width 16 --num_imgs_per_class 2 --bs 20
-DEMO_RESNET_PRESET ?= --preset resnet --rec_steps_per_epoch 125
+DEMO_RESNET_PRESET ?= --preset resnet
+DEMO_RESNET_LENGTH ?= --rec_steps_per_epoch 125
 
 .PHONY: venv test demo demo-resnet fashion-mnist clean-demo
 
@@ -41,7 +42,7 @@ demo: venv fashion-mnist
 demo-resnet: venv fashion-mnist
 	@mkdir -p $(DEMO_RESNET_DIR)
 	cd $(DEMO_RESNET_DIR) && ../$(PY) ../train.py $(DEMO_RESNET_FLAGS) --lr 1e-2 --overwrite
-	cd $(DEMO_RESNET_DIR) && ../$(PY) ../recons.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET) --overwrite
+	cd $(DEMO_RESNET_DIR) && ../$(PY) ../recons.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET) $(DEMO_RESNET_LENGTH) --overwrite
 	cd $(DEMO_RESNET_DIR) && ../$(PY) ../metrics.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET)
 	cd $(DEMO_RESNET_DIR) && ../$(PY) ../draw_pics.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET) --sort ssim
 
