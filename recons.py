@@ -34,7 +34,7 @@ from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_reconstruction_args, add_recons_id_args,
                           add_runtime_args, add_training_hparam_args, parse_with_preset, pick_device, set_seed)
 from simudy.runs import AUTO, TRAIN_SUBSET, load_checkpoint, recons_dir_from_args, resolve_rec_lr, resolve_run
-from simudy.target import load_training_run, training_run_from_states
+from simudy.target import load_training_run, training_config, training_run_from_states
 from utils import run_main
 
 
@@ -76,19 +76,17 @@ def check_args(args):
         raise UserError("pass both --theta0 FILE and --theta_final FILE (or neither, for train.py's run folder)")
     if args.theta0 and args.image_shape is None:
         raise UserError("--theta0/--theta_final need the data's --image_shape C H W (and --num_classes)")
-    if args.theta0 and not (args.recons_dir or args.train_dir):
+    if args.theta0 and not args.recons_dir:
         raise UserError("--theta0/--theta_final name no run folder; pass --recons_dir")
 
 
 def training_run_from_files(args, device):
     """The TrainingRun of --theta0/--theta_final and the flags that describe the model and its training."""
     num_images = args.num_images or args.num_imgs_per_class * args.num_classes
-    config = {"args": {"lr": args.tlr, "bs": args.bs, "epochs": args.epochs, "momentum": args.momentum,
-                       "weight_decay": args.weight_decay, "bn_mode": args.bn_mode, "model_name": args.model_name,
-                       "width": args.width},
-              "data": {"num_images": num_images, "num_classes": args.num_classes,
-                       "image_shape": list(args.image_shape), "mean": list(NORMALISATION[args.dataset][0]),
-                       "std": list(NORMALISATION[args.dataset][1])}}
+    mean, std = NORMALISATION[args.dataset]
+    config = training_config(args.tlr, args.bs, args.epochs, num_images, args.num_classes, args.image_shape,
+                             args.momentum, args.weight_decay, args.bn_mode, mean, std,
+                             model_name=args.model_name, width=args.width)
     model = build_model(args.model_name, args.num_classes, args.image_shape, args.width)
     states = [load_checkpoint(path, flag) for path, flag in ((args.theta0, "--theta0"),
                                                              (args.theta_final, "--theta_final"))]

@@ -25,7 +25,7 @@ from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_opt
 from .errors import UserError
 from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
 from .search import GRID_SEARCH_STEPS, auto_search, best_start, plot_auto_search, search_candidates, short_run
-from .target import training_run_from_states
+from .target import training_config, training_run_from_states
 
 
 @dataclass
@@ -70,11 +70,8 @@ def reconstruct(model, theta0, theta_final, num_images, lr, batch_size, epochs, 
     steps=0 simulates `epochs` (the fast preset's choice; the paper's code simulates 8). Without run_dir the run folder is a temporary one, removed at the end.
     Returns a Reconstruction."""
     args = reconstruction_args(**options)
-    config = {"args": {"lr": lr, "bs": batch_size, "epochs": epochs, "momentum": momentum,
-                       "weight_decay": weight_decay, "bn_mode": bn_mode},
-              "data": {"num_images": num_images, "num_classes": num_classes, "image_shape": list(image_shape)}}
-    if mean is not None and std is not None:
-        config["data"].update(mean=list(mean), std=list(std))
+    config = training_config(lr, batch_size, epochs, num_images, num_classes, image_shape, momentum, weight_decay,
+                             bn_mode, mean, std)
     args.steps = args.steps or epochs
     args.rec_lr = resolve_rec_lr(args, args.method)
     device = pick_device(args.device)

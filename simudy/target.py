@@ -30,6 +30,18 @@ class TrainingRun:
     config: dict
 
 
+def training_config(lr, batch_size, epochs, num_images, num_classes, image_shape, momentum=0.0, weight_decay=0.0,
+                    bn_mode="eval", mean=None, std=None, **model):
+    """The config a TrainingRun needs when no train.py folder describes the training: the training's
+    "args" (train.py's names: lr, bs, epochs, momentum, weight_decay, bn_mode, plus `model` fields) and
+    its "data" (mean and std, the normalisation, only when known)."""
+    data = {"num_images": num_images, "num_classes": num_classes, "image_shape": list(image_shape)}
+    if mean is not None and std is not None:
+        data.update(mean=list(mean), std=list(std))
+    return {"args": {"lr": lr, "bs": batch_size, "epochs": epochs, "momentum": momentum,
+                     "weight_decay": weight_decay, "bn_mode": bn_mode, **model}, "data": data}
+
+
 def training_run_from_states(model, theta0_state, theta_final_state, config, device,
                              where=("theta0", "theta_final"), fix="pass the model they were saved from"):
     """A TrainingRun from a model and two state_dicts; a state_dict that does not fit the model is a
