@@ -249,6 +249,20 @@ folder_fake, folder_root = dataset_fixtures("folder", make_image_folder,
                                             "A data_root holding train/<class>/<0000>.png, for --dataset folder.")
 
 
+@pytest.fixture(scope="session")
+def device():
+    """The device the fidelity and reverse-pass tests run on: $SIMUDY_TEST_DEVICE (e.g. cuda), else the CPU,
+    so the same tests run on CPU in CI and on a GPU where one is lent. TF32 is switched off on CUDA: the
+    tests compare to 1e-5."""
+    name = os.environ.get("SIMUDY_TEST_DEVICE", "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            pytest.fail(f"SIMUDY_TEST_DEVICE={name} but CUDA is not available")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device(name)
+
+
 @pytest.fixture
 def in_tmp_cwd(tmp_path, monkeypatch):
     """Run the test inside a fresh tmp dir (the stages write ./ckpts relative to the cwd)."""

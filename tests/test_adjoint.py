@@ -21,10 +21,11 @@ CASES = [  # (momentum, weight_decay, bn_train, clip_norm, keep_every)
 ]
 
 
-def _setup(name, shape):
+def _setup(name, shape, device="cpu"):
     model = tiny_model(name, shape, width=8 if name.startswith("resnet") else 32)
+    weight_change = torch.randn(sum(p.numel() for p in model.parameters())).to(device)
+    model.to(device)
     theta0, buffers = split_state(model, model.state_dict())
-    weight_change = torch.randn(sum(p.numel() for p in theta0.values()))
     return model, theta0, buffers, weight_change
 
 
@@ -32,14 +33,14 @@ def _setup(name, shape):
 @pytest.mark.parametrize("momentum,weight_decay,bn_train,clip_norm,keep_every", CASES)
 @pytest.mark.parametrize("loss_type", ["cos", "l2"])
 def test_recompute_equals_unrolled(name, shape, momentum, weight_decay, bn_train, clip_norm, keep_every,
-                                   loss_type):
+                                   loss_type, device):
     if name == "mlp" and bn_train:
         pytest.skip("the MLP has no BatchNorm")
     if loss_type == "l2" and (keep_every != 1 or name == "resnet18"):
         pytest.skip("l2 only needs one case per model")
-    model, theta0, buffers, weight_change = _setup(name, shape)
-    x = torch.randn(13, *shape)  # 13 images in batches of 5: unequal batches
-    labels = torch.arange(13) % 10
+    model, theta0, buffers, weight_change = _setup(name, shape, device)
+    x = torch.randn(13, *shape).to(device)  # 13 images in batches of 5: unequal batches
+    labels = (torch.arange(13) % 10).to(device)
     sgd = SGDConfig(lr=0.01, momentum=momentum, weight_decay=weight_decay, bn_train=bn_train,
                     clip_norm=clip_norm, clip_to=5.0)
     outs = {}

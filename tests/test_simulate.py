@@ -18,14 +18,14 @@ def _model(name, shape, seed):
 @pytest.mark.parametrize("name,shape", [("mlp", (1, 12, 12)), ("resnet18", (3, 16, 16))])
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-4)])
-def test_simulation_reproduces_training(name, shape, bn_mode, momentum, weight_decay):
+def test_simulation_reproduces_training(name, shape, bn_mode, momentum, weight_decay, device):
     if name == "mlp" and bn_mode == "train":
         pytest.skip("the MLP has no BatchNorm")
     torch.manual_seed(1)
     # 23 = 2 full batches of 10 + 3. lr 0.01: at 0.05, train-mode BN on a batch of 3 is chaotic and
     # float32 rounding alone grows to 1e-2 in three epochs (measured), in training as in simulation.
-    images, labels = torch.randn(23, *shape), torch.arange(23) % 10
-    model = _model(name, shape, seed=0)
+    images, labels = torch.randn(23, *shape).to(device), (torch.arange(23) % 10).to(device)
+    model = _model(name, shape, seed=0).to(device)
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
     trained = copy.deepcopy(model)
     sgd_train(trained, images, labels, lr=0.01, bs=10, epochs=3, momentum=momentum,
