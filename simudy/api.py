@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 
 from .baselines import BASELINE_CANDIDATE_RATIO, reconstruct_baseline
+from .errors import UserError
 from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
 from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
 from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
                      total_gradient_norms)
-from .errors import UserError
 from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
 from .search import GRID_SEARCH_STEPS, auto_search, best_start, plot_auto_search, search_candidates, short_run
 from .target import training_config, training_run_from_states

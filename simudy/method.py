@@ -221,9 +221,12 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
                        pixel_box(run.config["data"], x.device) if args.box else None, args.signed_grad), graph_bytes
 
 
-def adam_with_schedule(tensors, lr, t_max):
-    """Adam with the paper code's betas and CosineAnnealingLR(T_max), stepped every iteration."""
+def adam_with_schedule(tensors, lr, t_max=None, lr_lambda=None):
+    """Adam with the paper code's betas and its lr schedule, stepped every iteration: CosineAnnealingLR(T_max),
+    or LambdaLR(lr_lambda) when one is given."""
     opt = torch.optim.Adam(tensors, lr=lr, betas=ADAM_BETAS)
+    if lr_lambda is not None:
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)
 
 
@@ -245,8 +248,7 @@ def simudy_optimisers(x, rec_lr, schedule="paper", total=None, warmup=0):
     over the run's `total` iterations, so the run ends at a small lr instead of on a peak; "step": x0.1 at
     3/8, 5/8 and 7/8 of the run. `warmup` > 0 prepends a linear warm-up (cosine and step)."""
     if schedule == "step" or (warmup and schedule == "cosine"):
-        opt = torch.optim.Adam([x], lr=rec_lr, betas=ADAM_BETAS)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, schedule, warmup))
+        return adam_with_schedule([x], rec_lr, lr_lambda=lambda i: lr_factor(i, total, schedule, warmup))
     return adam_with_schedule([x], rec_lr, COSINE_T_MAX if schedule == "paper" or not total else total)
 
 

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from models import build_model
 from tests.helpers import tiny_model
 import simudy.adjoint
 from simudy.adjoint import auto_keep_every, choose_backprop, unrolled_graph_bytes

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import metrics
 import recons
 import train
-from models import build_model
 from simudy.baselines import BASELINE_LOSS_SCHEDULE, baseline_loss, baseline_loss_weights, weighted_gradient
 from simudy.method import total_variation
 from simudy.simulate import split_state
