@@ -13,7 +13,7 @@ DEMO_RESNET_FLAGS ?= --dataset fashion_mnist --model_name resnet18 --width 16 --
 DEMO_RESNET_PRESET ?= --preset resnet
 DEMO_RESNET_LENGTH ?= --rec_steps_per_epoch 125
 
-.PHONY: venv test demo demo-resnet fashion-mnist clean-demo
+.PHONY: venv test demo demo-resnet audit fashion-mnist clean-demo
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -30,6 +30,10 @@ fashion-mnist:
 	  (command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null))) || \
 	  echo "dataset-fashion-mnist not installed; train.py will try torchvision's download"
+
+# the defence audit on config A (README, "Does a defence stop it?"): ~30 min on 2 cores, resumable
+audit: venv fashion-mnist
+	$(PY) benchmarks/audit.py
 
 demo: venv fashion-mnist
 	@mkdir -p $(DEMO_DIR)

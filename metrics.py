@@ -18,7 +18,7 @@ from simudy.errors import UserError
 from simudy.flags import add_metrics_args, parse_with_preset, pick_device
 from simudy.runs import (CONFIG, TRAIN_SUBSET, list_snapshots, load_checkpoint, metrics_dir_from_args, read_json,
                          snapshot_path_from_args, write_csv, write_json)
-from simudy.scoring import SSIM_GOOD, lpips_mean, match_by_ssim, psnr_per_pair, ssim_matrix
+from simudy.scoring import SSIM_GOOD, label_agreement, lpips_mean, match_by_ssim, psnr_per_pair, ssim_matrix
 from utils import run_main
 
 
@@ -117,6 +117,8 @@ def main(args):
         "mse_normalised_paper": float(mse_norm.mean()),
         "psnr_normalised_paper": float(psnr_norm.mean()),
         "lpips": lpips_mean(train_px, recons_px, device),
+        # share of matched pairs whose dummy's label is the training image's (None: no labels saved)
+        "label_agreement": label_agreement(subset["labels"], recon_labels, pairs),
     }
 
     os.makedirs(out_dir, exist_ok=True)
@@ -161,6 +163,9 @@ def write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_
         f"PSNR [0,1] pixels: {metrics['psnr']:.2f} dB (paper code, normalised tensors:"
         f" {metrics['psnr_normalised_paper']:.2f} dB)",
         f"LPIPS (AlexNet): {lpips_text}",
+        "matched pairs whose reconstruction has the training image's label: "
+        + ("unknown (no labels in the snapshot)" if metrics["label_agreement"] is None
+           else f"{100 * metrics['label_agreement']:.1f}%"),
         f"written to: {out_dir}",
     ])
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:

@@ -86,7 +86,9 @@ def training_run_from_files(args, device):
     mean, std = NORMALISATION[args.dataset]
     config = training_config(args.tlr, args.bs, args.epochs, num_images, args.num_classes, args.image_shape,
                              args.momentum, args.weight_decay, args.bn_mode, mean, std,
-                             model_name=args.model_name, width=args.width)
+                             model_name=args.model_name, width=args.width, label_smoothing=args.label_smoothing,
+                             dp_max_grad_norm=args.dp_max_grad_norm, dp_noise_multiplier=args.dp_noise_multiplier,
+                             augment=args.augment)
     model = build_model(args.model_name, args.num_classes, args.image_shape, args.width)
     states = [load_checkpoint(path, flag) for path, flag in ((args.theta0, "--theta0"),
                                                              (args.theta_final, "--theta_final"))]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from models import build_model, uses_batchnorm
 from simudy.data import load_subset
+from simudy.defences import Defence
 from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_runtime_args, add_training_hparam_args, pick_device,
                           set_seed)
@@ -53,16 +54,21 @@ def parse_args(argv=None):
 
 
 def sgd_train(model, images, labels, lr, bs, epochs, momentum=0.0, weight_decay=0.0, bn_mode="eval",
-              progress=True):
-    """Plain mini-batch SGD in a fixed order (shuffle=False), as the paper's train.py. Returns history."""
+              progress=True, defence=None):
+    """Plain mini-batch SGD in a fixed order (shuffle=False), as the paper's train.py. Returns history.
+    With a Defence: label smoothing, seeded augmentation of each batch, and DP-SGD through Opacus (its
+    per-image clipping and noise; batches stay the fixed ones); its privacy report is in defence.report."""
+    defence = defence or Defence()
     model.train(bn_mode == "train")
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if defence.dp:
+        model, opt = defence.make_private(model, opt, images, labels, bs, epochs)
     history = []
     for epoch in tqdm(range(epochs), desc="train", disable=None if progress else True):
         total_loss, correct = 0.0, 0
         for x, y in zip(images.split(bs), labels.split(bs)):
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            out = model(defence.augment_batch(x))
+            loss = F.cross_entropy(out, y, label_smoothing=defence.label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -145,6 +151,7 @@ def make_theta0(model, args, subset_indices, device):
 
 
 def main(args):
+    defence = Defence.from_args(args)  # its flag errors come before any data is read
     device = pick_device(args.device)
     set_seed(args.seed)
     run_dir = args.run_dir or train_dir_from_args(args, args.lr)
@@ -158,14 +165,15 @@ def main(args):
     theta0 = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     start = time.time()
     history = sgd_train(model, subset["images"].to(device), subset["labels"].to(device), args.lr, args.bs,
-                        args.epochs, args.momentum, args.weight_decay, args.bn_mode)
+                        args.epochs, args.momentum, args.weight_decay, args.bn_mode, defence=defence)
     theta_final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     torch.save(theta0, os.path.join(run_dir, THETA0))
     torch.save(theta_final, os.path.join(run_dir, THETA_FINAL))
     torch.save(subset, os.path.join(run_dir, TRAIN_SUBSET))
     config = {
-        "stage": "train", "args": vars(args), "seed": args.seed, "versions": library_versions(),
+        "stage": "train", "args": {**vars(args), **defence.simulated_args()}, "seed": args.seed,
+        "versions": library_versions(), "defence": defence.report,
         "data": {"dataset": args.dataset, "num_classes": subset["num_classes"], "image_shape": image_shape,
                  "num_images": len(subset["labels"]), "mean": subset["mean"].tolist(),
                  "std": subset["std"].tolist(), "classes": subset["classes"]},
@@ -178,6 +186,8 @@ def main(args):
     print(f"trained {args.model_name} on {len(subset['labels'])} {args.dataset} images:"
           f" loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f},"
           f" acc {history[-1]['acc']:.3f}; run folder {run_dir}")
+    if defence.dp:
+        print(defence.privacy_summary())
     return run_dir
 
 

@@ -24,9 +24,10 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from simudy.method import ADAM_BETAS, initial_dummies, reconstruction_loss  # noqa: E402
+from simudy.method import (ADAM_BETAS, cosine_distance, initial_dummies, reconstruction_loss,  # noqa: E402
+                           total_variation)
 from simudy.scoring import paper_avg_ssim  # noqa: E402
-from simudy.simulate import sgd_config_from_training  # noqa: E402
+from simudy.simulate import sgd_config_from_training, simulate_training  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
 
 CONFIG_B_RUN = os.path.join(ROOT, "benchmarks", "runs", "B", "ckpts", "model_ckpt",
@@ -48,9 +49,15 @@ def parse_args(argv=None):
     p.add_argument("--signed", action="store_true", help="Adam on the sign of the gradient")
     p.add_argument("--box", action="store_true", help="clamp pixels to the normalised [0, 1] range")
     p.add_argument("--tv", type=float, default=2e-3, help="TV weight (sum over batches, as recons.py)")
+    p.add_argument("--match", default="global", choices=["global", "layers"],
+                   help="global: recons.py's 1 - cos of the whole parameter change; layers: the mean over"
+                        " parameter tensors of each tensor's 1 - cos (every layer weighs the same)")
     p.add_argument("--bn_prior", type=float, default=0.0, help="weight of the BN-statistics prior")
     p.add_argument("--bn_prior_until", type=float, default=1.0, help="share of the run with the prior on")
     p.add_argument("--init_scale", type=float, default=0.5)
+    p.add_argument("--start_sigma", type=float, default=None,
+                   help="basin test: start at the true images plus this much Gaussian noise (normalised"
+                        " units), with the true labels, instead of from noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=50, help="SSIM and a resume point every this many iterations")
     p.add_argument("--threads", type=int, default=1)
@@ -97,6 +104,15 @@ class BNStatistics:
             self.active, self.terms = False, []
 
 
+def layerwise_loss(run, x, labels, true_change, bs, steps, sgd, tv_weight):
+    """(total, match, tv) as recons.py's reconstruction_loss, with the match averaged over parameter tensors."""
+    batches = list(zip(x.split(bs), labels.split(bs)))
+    _, change, _ = simulate_training(run.model, run.theta0, run.buffers, batches, steps, sgd)
+    match = sum(cosine_distance(change[n].reshape(-1), true_change[n].reshape(-1)) for n in true_change) / len(true_change)
+    tv = sum(total_variation(xb) for xb, _ in batches)
+    return match + tv_weight * tv, match, tv
+
+
 def curve_table(names, every=100):
     """Markdown rows: a probe's SSIM every `every` iterations and its last match loss."""
     records = {n: json.load(open(os.path.join(OUT_DIR, f"{n}.json"))) for n in names}
@@ -127,10 +143,15 @@ def main(args):
     x, labels, _ = initial_dummies(len(x_true), data["image_shape"], data["num_classes"], args.seed, "cpu")
     with torch.no_grad():
         x.mul_(args.init_scale / 0.5)
+        if args.start_sigma is not None:
+            noise = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(args.seed))
+            x.copy_(x_true + args.start_sigma * noise)
+            labels = subset["labels"].clone()
     mean = torch.tensor(data["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(data["std"]).view(1, -1, 1, 1)
     lo, hi = (0 - mean) / std, (1 - mean) / std
     sgd = sgd_config_from_training(run.config["args"], run.config["args"]["lr"])
+    true_change = {n: run.theta0[n] - run.theta_final[n] for n in run.theta0}
     bn = BNStatistics(run.model) if args.bn_prior else None
     opt = torch.optim.Adam([x], lr=args.lr, betas=ADAM_BETAS)
     os.makedirs(OUT_DIR, exist_ok=True)
@@ -168,8 +189,11 @@ def main(args):
     for i in range(start, args.iters):
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(i, args.iters, args.schedule, args.warmup)
-        total, match, tv = reconstruction_loss(run.model, run.theta0, run.buffers, x, labels, run.weight_change,
-                                               run.config["args"]["bs"], steps, sgd, args.tv, "cos")
+        if args.match == "layers":
+            total, match, tv = layerwise_loss(run, x, labels, true_change, run.config["args"]["bs"], steps, sgd, args.tv)
+        else:
+            total, match, tv = reconstruction_loss(run.model, run.theta0, run.buffers, x, labels, run.weight_change,
+                                                   run.config["args"]["bs"], steps, sgd, args.tv, "cos")
         prior = torch.zeros(())
         if bn is not None and i < args.bn_prior_until * args.iters:
             prior = bn.prior(run, x)

@@ -6,6 +6,7 @@ the time. `choose_backprop` ('auto') takes the unrolled pass while its predicted
 """
 import math
 import os
+from dataclasses import replace
 
 import torch
 
@@ -58,8 +59,7 @@ def simulate_training_recompute(model, theta0, buffers, batches, epochs, sgd, lo
             x, y = batches[schedule[t]]
             p_leaf = [p.detach().requires_grad_(True) for p in p_t]
             x_leaf = x.detach().requires_grad_(True)
-            u = loss_gradient(model, dict(zip(names, p_leaf)), scratch, x_leaf, y, sgd.clip_norm, sgd.clip_to,
-                              create_graph=True)
+            u = loss_gradient(model, dict(zip(names, p_leaf)), scratch, x_leaf, y, sgd, create_graph=True)
             w = [-sgd.lr * a for a in a_theta]
             if sgd.momentum and a_v is not None:
                 w = [wi + sgd.momentum * av for wi, av in zip(w, a_v)]
@@ -90,7 +90,10 @@ def unrolled_graph_bytes(model, theta0, buffers, x, labels, rbs, epochs, sgd):
     scratch = scratch_buffers(buffers, sgd)
     xb = x[:rbs].detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_gradient(model, params, scratch, xb, labels[:rbs], math.inf, 1.0, create_graph=True)
+        # the batch's own gradient (torch.func, which DP's clip check uses, refuses saved-tensor hooks);
+        # a binding DP clip makes the real graph larger than this estimate
+        loss_gradient(model, params, scratch, xb, labels[:rbs], replace(sgd, per_sample_clip=None), create_graph=True,
+                      clip=False)
     return (sum(storages.values()) + 2 * parameter_bytes(params)) * epochs * math.ceil(len(x) / rbs)
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .baselines import BASELINE_CANDIDATE_RATIO, reconstruct_baseline
+from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
 from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
@@ -100,6 +101,8 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     args), then SimuDy (or the baseline args.method) with its log, snapshots and resume state. Returns a
     Reconstruction."""
     data = run.config["data"]
+    for note in unsimulated_defences(run.config["args"]):  # never a silent mismatch with the training
+        print(note)
     num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)

@@ -45,6 +45,7 @@ def add_training_hparam_args(parser, lr_flag):
     g.add_argument(lr_flag, default=1e-2, type=float, dest="tlr" if lr_flag == "--tlr" else "lr",
                    help="learning rate of the real training (train.py)")
     g.add_argument("--bs", default=20, type=int, help="batch size of the real training")
+    add_defence_args(parser)
     return g
 
 
@@ -94,6 +95,21 @@ def parse_with_preset(parser, argv=None):
     parser.set_defaults(**{k: v for k, v in PRESETS[known["preset"]].items()
                            if k in known and not given & set(PRESET_YIELDS_TO.get(k, ()))})
     return parser.parse_args(argv)
+
+
+def add_defence_args(parser):
+    """train.py's defences (issue 14), all off by default (the paper's undefended training)."""
+    g = parser.add_argument_group("defences of the real training (off by default; they name its run folder,"
+                                  " and recons.py reads them from its config.json)")
+    g.add_argument("--dp_noise_multiplier", default=None, type=float, metavar="SIGMA",
+                   help="DP-SGD through Opacus: Gaussian noise of std SIGMA*C on each batch's clipped sum"
+                        " (0: clipping only); needs --dp_max_grad_norm")
+    g.add_argument("--dp_max_grad_norm", default=None, type=float, metavar="C",
+                   help="DP-SGD's per-image gradient clip (Opacus), on its own: clipping without noise")
+    g.add_argument("--dp_delta", default=1e-5, type=float, help="delta of the reported (epsilon, delta)")
+    g.add_argument("--augment", default="none", choices=["none", "flip", "crop_flip"],
+                   help="seeded per-image augmentation of every training batch (torchvision)")
+    g.add_argument("--label_smoothing", default=0.0, type=float, help="cross-entropy label smoothing")
 
 
 def add_recons_id_args(parser):

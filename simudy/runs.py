@@ -42,15 +42,27 @@ def model_tag(model_name, width):
     return model_name if width in (None, default_width(model_name)) else f"{model_name}_w{width}"
 
 
-def train_run_name(model_name, width, dataset, num_imgs, bs, lr):
-    return f"{model_tag(model_name, width)}_{dataset}_num_img{num_imgs}_bsz{bs}_lr{lr}"
+def train_run_name(model_name, width, dataset, num_imgs, bs, lr, defence=""):
+    return f"{model_tag(model_name, width)}_{dataset}_num_img{num_imgs}_bsz{bs}_lr{lr}{defence}"
+
+
+def defence_tag(args):
+    """The run-name suffix of a defended training (empty for the paper's undefended one)."""
+    tag = ""
+    if getattr(args, "dp_max_grad_norm", None) is not None:
+        tag += f"_dp{getattr(args, 'dp_noise_multiplier', None) or 0}_C{args.dp_max_grad_norm}"
+    if getattr(args, "augment", "none") != "none":
+        tag += f"_aug{args.augment}"
+    if getattr(args, "label_smoothing", 0.0):
+        tag += f"_ls{args.label_smoothing}"
+    return tag
 
 
 def train_dir_from_args(args, lr):
     if getattr(args, "train_dir", None):
         return args.train_dir
     num_imgs = args.num_imgs_per_class * num_classes_of(args.dataset, getattr(args, "data_root", None))
-    name = train_run_name(args.model_name, args.width, args.dataset, num_imgs, args.bs, lr)
+    name = train_run_name(args.model_name, args.width, args.dataset, num_imgs, args.bs, lr, defence_tag(args))
     return os.path.join(CKPT_ROOT, "model_ckpt", name)
 
 

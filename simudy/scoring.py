@@ -74,6 +74,16 @@ def match_by_ssim(ssim, method="greedy"):
     return pairs
 
 
+def label_agreement(train_labels, recon_labels, pairs):
+    """Share of matched pairs (train_idx, recon_idx) whose reconstruction carries the training image's
+    label: an attacker who learns an image's class has learned something even from a blurry image.
+    None when the reconstructions have no labels."""
+    if recon_labels is None or not pairs:
+        return None
+    train_labels, recon_labels = torch.as_tensor(train_labels).cpu(), torch.as_tensor(recon_labels).cpu()
+    return sum(int(train_labels[t] == recon_labels[r]) for t, r in pairs) / len(pairs)
+
+
 PSNR_MSE_FLOOR = 1e-10  # identical images: PSNR capped at 100 dB (peak 1), so metrics.json stays JSON
 
 

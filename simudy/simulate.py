@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
@@ -21,13 +22,19 @@ class SGDConfig:
     bn_train: bool = False        # BatchNorm mode during training (paper: eval)
     clip_norm: float = math.inf   # a gradient with a larger norm is rescaled ...
     clip_to: float = 5.0          # ... to this norm (paper, first 5 outer epochs)
+    label_smoothing: float = 0.0  # the training's cross-entropy label smoothing
+    per_sample_clip: float = None  # DP-SGD's C: each image's gradient clipped to norm <= C (Opacus) ...
+    dp_batch_size: int = None     # ... and the clipped sum divided by this (Opacus: the expected batch size)
 
 
 def sgd_config_from_training(train_args, rlr, clip_norm=math.inf, clip_to=5.0):
     """The SGDConfig of a training run (train.py's args) at the simulation lr `rlr`."""
     return SGDConfig(lr=rlr, momentum=train_args.get("momentum", 0.0),
                      weight_decay=train_args.get("weight_decay", 0.0),
-                     bn_train=train_args.get("bn_mode", "eval") == "train", clip_norm=clip_norm, clip_to=clip_to)
+                     bn_train=train_args.get("bn_mode", "eval") == "train", clip_norm=clip_norm, clip_to=clip_to,
+                     label_smoothing=train_args.get("label_smoothing", 0.0),
+                     per_sample_clip=train_args.get("dp_max_grad_norm"),
+                     dp_batch_size=train_args.get("dp_expected_batch_size"))
 
 
 def parameter_names(model):
@@ -53,11 +60,73 @@ def scratch_buffers(buffers, sgd):
     return {k: v.clone() for k, v in buffers.items()} if sgd.bn_train else buffers
 
 
-def loss_gradient(model, params, buffers, x, y, clip_norm, clip_to, create_graph):
-    """Gradient of the cross-entropy of one batch at `params`, clipped as in the paper code."""
-    out = functional_call(model, {**params, **buffers}, (x,))
-    loss = F.cross_entropy(out, y)
-    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+def linear_layers_covering(model, params):
+    """{module name: nn.Linear} when every parameter belongs to an nn.Linear (the MLPs), else None."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    covered = {f"{n}.{p}" for n, m in layers.items() for p, v in m.named_parameters(recurse=False)}
+    return layers if covered == set(params) else None
+
+
+def clipped_gradient_of_linear_layers(model, layers, params, buffers, x, y, sgd, create_graph):
+    """Per-image clipping from one batched backward (Goodfellow, 2015): image i's gradient of a Linear
+    layer is delta_i a_i^T (delta: the loss's gradient at the layer's output, a: its input), so its norm
+    is ||delta_i|| ||a_i|| and the clipped sum is (s * delta)^T a, with no per-image graph."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, inputs, out, name=name: seen.__setitem__(name, (inputs[0], out)))
+             for name, m in layers.items()]
+    try:
+        out = functional_call(model, {**params, **buffers}, (x,))
+    finally:
+        for h in hooks:
+            h.remove()
+    loss = F.cross_entropy(out, y, label_smoothing=sgd.label_smoothing, reduction="sum")  # sum: delta_i per image
+    deltas = dict(zip(layers, torch.autograd.grad(loss, [seen[n][1] for n in layers], create_graph=create_graph)))
+    norm2 = sum(deltas[n].pow(2).sum(1) * (seen[n][0].pow(2).sum(1) + (m.bias is not None))
+                for n, m in layers.items())
+    scale = torch.clamp(sgd.per_sample_clip / (torch.sqrt(norm2) + 1e-6), max=1.0)
+    batch_size = sgd.dp_batch_size or len(x)
+    grads = {}
+    for n, m in layers.items():
+        scaled = deltas[n] * scale[:, None]
+        grads[f"{n}.weight"] = scaled.t() @ seen[n][0] / batch_size
+        if m.bias is not None:
+            grads[f"{n}.bias"] = scaled.sum(0) / batch_size
+    return [grads[k] for k in params]
+
+
+def per_sample_clipped_gradient(model, params, buffers, x, y, sgd, create_graph):
+    """DP-SGD's gradient without its noise (Opacus's DPOptimizer): every image's own gradient scaled by
+    min(1, C / (norm + 1e-6)) (Opacus's factor), summed, divided by the expected batch size. MLPs take
+    the per-layer identity above; other models one image at a time."""
+    layers = linear_layers_covering(model, params)
+    if layers is not None:
+        return clipped_gradient_of_linear_layers(model, layers, params, buffers, x, y, sgd, create_graph)
+    return clipped_gradient_image_by_image(model, params, buffers, x, y, sgd, create_graph)
+
+
+def clipped_gradient_image_by_image(model, params, buffers, x, y, sgd, create_graph):
+    p = list(params.values())
+    per_image = []
+    for xi, yi in zip(x, y):  # one image at a time, so the result stays differentiable in x
+        out = functional_call(model, {**dict(zip(params, p)), **buffers}, (xi[None],))
+        loss = F.cross_entropy(out, yi[None], label_smoothing=sgd.label_smoothing)
+        grads = torch.autograd.grad(loss, p, create_graph=create_graph)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        scale = torch.clamp(sgd.per_sample_clip / (norm + 1e-6), max=1.0)
+        per_image.append([g * scale for g in grads])
+    return [sum(gs) / (sgd.dp_batch_size or len(x)) for gs in zip(*per_image)]
+
+
+def loss_gradient(model, params, buffers, x, y, sgd, create_graph, clip=True):
+    """Gradient of the cross-entropy of one batch at `params` as the training took it (per-image clipped
+    when it was DP-SGD's), then clipped as in the paper code (unless clip=False)."""
+    if sgd.per_sample_clip is not None:
+        grads = per_sample_clipped_gradient(model, params, buffers, x, y, sgd, create_graph)
+    else:
+        out = functional_call(model, {**params, **buffers}, (x,))
+        loss = F.cross_entropy(out, y, label_smoothing=sgd.label_smoothing)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+    clip_norm, clip_to = (sgd.clip_norm, sgd.clip_to) if clip else (math.inf, 1.0)
     if clip_norm < math.inf:
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         if norm > clip_norm:  # the paper's clip: rescale to a fixed norm, not to the threshold
@@ -90,7 +159,7 @@ def simulate_training(model, theta0, buffers, batches, epochs, sgd, create_graph
     velocity = None
     for _ in range(epochs):
         for x, y in batches:
-            grads = loss_gradient(model, params, buffers, x, y, sgd.clip_norm, sgd.clip_to, create_graph)
+            grads = loss_gradient(model, params, buffers, x, y, sgd, create_graph)
             direction = sgd_direction(grads, list(params.values()), velocity, sgd)
             velocity = direction if sgd.momentum else None
             params = {k: p - sgd.lr * d for (k, p), d in zip(params.items(), direction)}
@@ -101,8 +170,7 @@ def simulate_training(model, theta0, buffers, batches, epochs, sgd, create_graph
 def sgd_step(model, params, velocity, buffers, x, y, sgd):
     """One SGD step without a graph: returns (params, velocity, update) with update = lr * direction."""
     p_list = [p.detach().requires_grad_(True) for p in params]
-    grads = loss_gradient(model, dict(zip(parameter_names(model), p_list)), buffers, x, y, sgd.clip_norm,
-                          sgd.clip_to, create_graph=False)
+    grads = loss_gradient(model, dict(zip(parameter_names(model), p_list)), buffers, x, y, sgd, create_graph=False)
     direction = sgd_direction(grads, params, velocity, sgd)
     new_velocity = direction if sgd.momentum else None
     return [p - sgd.lr * d for p, d in zip(params, direction)], new_velocity, [sgd.lr * d for d in direction]

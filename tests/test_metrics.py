@@ -43,6 +43,7 @@ def test_identical_snapshot_scores_perfectly(tmp_path, capsys):
     assert [int(r["recon_index"]) for r in rows] == list(range(6))
     assert [int(r["dataset_index"]) for r in rows] == [i * 7 + 3 for i in range(6)]
     assert all(r["label"] == r["recon_label"] for r in rows)
+    assert result["label_agreement"] == 1.0 and "label: 100.0%" in (out_dir / "summary.txt").read_text()
     assert sorted(os.listdir(out_dir / "ori")) == sorted(os.listdir(out_dir / "recover")) == \
         sorted(f"{i}.png" for i in range(6))
     matched = torch.load(out_dir / "matched.pth")
@@ -67,6 +68,18 @@ def test_permuted_copy_is_matched_back(tmp_path, matching):
     assert result["avg_ssim"] == pytest.approx(reference_avg_ssim(runs.images, snap["x"]), abs=1e-6)
     assert 0 < result["mse"] and np.isfinite(result["psnr"])
     assert all(r["recon_label"] == "" for r in rows)  # this snapshot has no labels
+    assert result["label_agreement"] is None
+
+
+def test_label_agreement_counts_matched_pairs_with_the_training_label(tmp_path):
+    """A permuted copy whose labels are right for 4 of the 6 matched images: 4/6, the same share as
+    per_image.csv's label columns."""
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    runs = make_runs(tmp_path, n=6, snapshot=lambda x: {"x": x[perm], "labels": torch.tensor([3, 0, 9, 9, 4, 2])})
+    result = score(runs.recons_dir)
+    rows = read_rows(runs.recons_dir)
+    assert result["label_agreement"] == pytest.approx(4 / 6)
+    assert sum(r["label"] == r["recon_label"] for r in rows) / len(rows) == pytest.approx(4 / 6)
 
 
 def test_fewer_reconstructions_count_zero_for_unmatched(tmp_path):

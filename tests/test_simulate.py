@@ -70,11 +70,11 @@ def test_clip_rescales_large_gradients_to_fixed_norm():
     model = build_model("mlp", 10, (1, 4, 4), width=16)
     params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
     x, y = torch.randn(4, 1, 4, 4) * 50, torch.arange(4)
-    raw = loss_gradient(model, params, {}, x, y, float("inf"), 5.0, create_graph=False)
+    raw = loss_gradient(model, params, {}, x, y, SGDConfig(lr=1.0), create_graph=False)
     raw_norm = torch.sqrt(sum(g.pow(2).sum() for g in raw))
     assert raw_norm > 20
-    clipped = loss_gradient(model, params, {}, x, y, 20.0, 5.0, create_graph=False)
+    clipped = loss_gradient(model, params, {}, x, y, SGDConfig(lr=1.0, clip_norm=20.0), create_graph=False)
     assert torch.sqrt(sum(g.pow(2).sum() for g in clipped)).item() == pytest.approx(5.0, rel=1e-5)
-    small = loss_gradient(model, params, {}, x / 1000, y, 1e9, 5.0, create_graph=False)
-    unclipped = loss_gradient(model, params, {}, x / 1000, y, float("inf"), 5.0, create_graph=False)
+    small = loss_gradient(model, params, {}, x / 1000, y, SGDConfig(lr=1.0, clip_norm=1e9), create_graph=False)
+    unclipped = loss_gradient(model, params, {}, x / 1000, y, SGDConfig(lr=1.0), create_graph=False)
     assert all(torch.equal(a, b) for a, b in zip(small, unclipped))

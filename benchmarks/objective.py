@@ -1,0 +1,95 @@
+"""Check the objective before the optimiser (issue 12): on a training run, how does the match loss
+1 - cos(theta0 - theta_hat_final, theta0 - theta_final) grow as the true training images are degraded,
+and which layers carry it?
+
+For each noise level sigma (in normalised pixel units) the true images plus seeded Gaussian noise are
+simulated with the true labels, and the table prints their SSIM to the truth (the paper's metric), the
+global match loss (recons.py's) and the per-layer 1 - cos averaged over parameter tensors, for conv1,
+the first block, the last block and the classifier. A flat loss over SSIMs that a person would tell
+apart means the objective, not the optimiser, limits the reconstruction.
+
+    python benchmarks/objective.py --train_dir benchmarks/runs/D/ckpts/model_ckpt/<run>
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from simudy.method import match_loss  # noqa: E402
+from simudy.scoring import paper_avg_ssim  # noqa: E402
+from simudy.simulate import flat, sgd_config_from_training, simulate_training  # noqa: E402
+from simudy.target import load_training_run  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train_dir", required=True)
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def layer_groups(names):
+    """name -> group for the table: the stem, the first and last residual stages, the classifier."""
+    def group(n):
+        if n.startswith(("conv1", "bn1")):
+            return "stem"
+        if n.startswith("layer1"):
+            return "layer1"
+        if n.startswith("layer4"):
+            return "layer4"
+        if n.startswith(("linear", "fc")):
+            return "fc"
+        return "other"
+    return {n: group(n) for n in names}
+
+
+def per_tensor_distance(sim, true):
+    """{name: 1 - cos} per parameter tensor."""
+    return {n: 1 - F.cosine_similarity(sim[n].reshape(-1), true[n].reshape(-1), dim=0, eps=1e-20).item()
+            for n in true}
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    run = load_training_run(args.train_dir, "cpu")
+    subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
+    x_true, y_true = subset["images"], subset["labels"]
+    train = run.config["args"]
+    sgd = sgd_config_from_training(train, train["lr"])
+    true_change = {n: run.theta0[n] - run.theta_final[n] for n in run.theta0}
+    groups = layer_groups(list(true_change))
+    share = {g: sum(true_change[n].pow(2).sum().item() for n in groups if groups[n] == g) for g in set(groups.values())}
+    norm2 = sum(share.values())
+    print("share of ||theta0 - theta_final||^2 by group: "
+          + ", ".join(f"{g} {v / norm2:.3f}" for g, v in sorted(share.items())))
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(x_true.shape, generator=gen)
+    header = ["sigma", "SSIM", "match (global)", "mean per-tensor"] + sorted(share)
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    rows = []
+    for sigma in args.sigmas:
+        x = x_true + sigma * noise
+        batches = list(zip(x.split(train["bs"]), y_true.split(train["bs"])))
+        _, displacement, _ = simulate_training(run.model, run.theta0, run.buffers, batches, train["epochs"], sgd,
+                                               create_graph=False)
+        displacement = {n: d.detach() for n, d in displacement.items()}
+        glob = match_loss(flat(displacement.values()), run.weight_change, "cos").item()
+        per = per_tensor_distance(displacement, true_change)
+        by_group = {g: sum(v for n, v in per.items() if groups[n] == g) / sum(1 for n in per if groups[n] == g)
+                    for g in share}
+        row = {"sigma": sigma, "ssim": paper_avg_ssim(x_true, x), "global": glob,
+               "per_tensor": sum(per.values()) / len(per), **by_group}
+        rows.append(row)
+        print(f"| {sigma} | {row['ssim']:.3f} | {glob:.4f} | {row['per_tensor']:.4f} | "
+              + " | ".join(f"{by_group[g]:.4f}" for g in sorted(share)) + " |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
