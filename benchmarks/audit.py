@@ -71,7 +71,8 @@ def planned_rows(args):
     if "none" in args.defences:
         rows.append(("none", None, []))
     if "dp" in args.defences:
-        rows += [("dp", s, ["--dp_noise_multiplier", str(s), "--dp_max_grad_norm", str(args.clip)]) for s in args.sigmas]
+        rows += [("dp", s, ["--dp_noise_multiplier", str(s), "--dp_max_grad_norm", str(args.clip)])
+                 for s in args.sigmas]
     if "weight_decay" in args.defences:
         rows += [("weight_decay", w, ["--weight_decay", str(w)]) for w in args.weight_decays]
     if "augment" in args.defences:
@@ -150,7 +151,9 @@ def where_it_stops(rows, threshold=0.2):
         return f"SSIM stays at or above {threshold} at every sigma tried (up to {dp[-1]['strength']:g})." if dp else ""
     r = below[0]
     undefended = next((x for x in rows if x["defence"] == "none"), None)
-    cost = f", train accuracy {r['train_acc']:.2f}" + (f" (undefended {undefended['train_acc']:.2f})" if undefended else "")
+    cost = f", train accuracy {r['train_acc']:.2f}"
+    if undefended:
+        cost += f" (undefended {undefended['train_acc']:.2f})"
     return (f"SSIM falls below {threshold} at sigma {r['strength']:g} (SSIM {r['avg_ssim']:.3f},"
             f" epsilon {epsilon_text(r)} at delta 1e-5{cost}).")
 

@@ -7,6 +7,9 @@ run, each after an optional linear warm-up), signed gradients, a box constraint 
 [0, 1] images land after normalisation), a BatchNorm-statistics prior from theta0's running statistics
 (DeepInversion's: sum over BN layers of ||batch mean - running mean||_2 + ||batch var - running var||_2),
 and the number of simulated epochs. Labels are the dummies' balanced random labels (recons.py's draw).
+Session 6 added: a basin test (--start_sigma: start at the true images plus noise, with the true labels),
+coarse to fine (--coarse R: R x R images upsampled for the first --coarse_iters iterations) and a
+layer-wise match loss (--match layers).
 
     python benchmarks/probe_resnet.py --name lr0.1 --lr 0.1 --iters 1500 --max_minutes 60
     python benchmarks/probe_resnet.py --name lr0.1 --resume --max_minutes 60     # continue it
@@ -21,6 +24,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,6 +37,7 @@ from simudy.target import load_training_run  # noqa: E402
 CONFIG_B_RUN = os.path.join(ROOT, "benchmarks", "runs", "B", "ckpts", "model_ckpt",
                             "resnet18_w16_folder_num_img20_bsz20_lr0.01")
 OUT_DIR = os.path.join(ROOT, "benchmarks", "runs", "probes")
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results", "probes")  # the curves kept in git
 
 
 def parse_args(argv=None):
@@ -49,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--signed", action="store_true", help="Adam on the sign of the gradient")
     p.add_argument("--box", action="store_true", help="clamp pixels to the normalised [0, 1] range")
     p.add_argument("--tv", type=float, default=2e-3, help="TV weight (sum over batches, as recons.py)")
+    p.add_argument("--coarse", type=int, default=0,
+                   help="coarse to fine: for the first --coarse_iters iterations the dummies are R x R images"
+                        " upsampled (bilinear) to full size, then full-size images from there (0: off)")
+    p.add_argument("--coarse_iters", type=int, default=300)
     p.add_argument("--match", default="global", choices=["global", "layers"],
                    help="global: recons.py's 1 - cos of the whole parameter change; layers: the mean over"
                         " parameter tensors of each tensor's 1 - cos (every layer weighs the same)")
@@ -115,7 +124,10 @@ def layerwise_loss(run, x, labels, true_change, bs, steps, sgd, tv_weight):
 
 def curve_table(names, every=100):
     """Markdown rows: a probe's SSIM every `every` iterations and its last match loss."""
-    records = {n: json.load(open(os.path.join(OUT_DIR, f"{n}.json"))) for n in names}
+    def curve_file(name):  # a running probe's own file, else the copy kept in results/
+        path = os.path.join(OUT_DIR, f"{name}.json")
+        return path if os.path.isfile(path) else os.path.join(RESULTS_DIR, f"{name}.json")
+    records = {n: json.load(open(curve_file(n))) for n in names}
     last = max(r["curve"][-1]["iteration"] for r in records.values())
     its = list(range(0, last + 1, every))
     lines = ["| probe | " + " | ".join(str(i) for i in its) + " | match loss at the last |",
@@ -153,17 +165,27 @@ def main(args):
     sgd = sgd_config_from_training(run.config["args"], run.config["args"]["lr"])
     true_change = {n: run.theta0[n] - run.theta_final[n] for n in run.theta0}
     bn = BNStatistics(run.model) if args.bn_prior else None
-    opt = torch.optim.Adam([x], lr=args.lr, betas=ADAM_BETAS)
+    full_size = tuple(x.shape[-2:])
+    coarse = lambda i: args.coarse and i < args.coarse_iters  # noqa: E731  (the stage of iteration i)
+    # z is what Adam moves; the images are z upsampled in the coarse stage, z itself after it
+    z = F.interpolate(x.detach(), size=(args.coarse, args.coarse), mode="area").requires_grad_(True) \
+        if coarse(0) else x
+    image = lambda z, i: F.interpolate(z, size=full_size, mode="bilinear", align_corners=False) \
+        if coarse(i) else z  # noqa: E731
+    opt = torch.optim.Adam([z], lr=args.lr, betas=ADAM_BETAS)
     os.makedirs(OUT_DIR, exist_ok=True)
     json_path, state_path = (os.path.join(OUT_DIR, f"{args.name}.{ext}") for ext in ("json", "pth"))
     record = {"args": vars(args), "curve": [], "seconds_per_iteration": None}
     start, elapsed = 0, 0.0
     if args.resume:
         state = torch.load(state_path, weights_only=False)
-        with torch.no_grad():
-            x.copy_(state["x"])
-        opt.load_state_dict(state["opt"])
         start, elapsed = state["iteration"], state["elapsed"]
+        if args.coarse and not coarse(start):  # resumed after the switch to full size
+            z = state["z"].clone().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=args.lr, betas=ADAM_BETAS)
+        with torch.no_grad():
+            z.copy_(state["z"] if "z" in state else state["x"])
+        opt.load_state_dict(state["opt"])
         record = json.load(open(json_path))
         record["curve"] = [r for r in record["curve"] if r["iteration"] <= start]
     elif os.path.exists(json_path):
@@ -175,10 +197,11 @@ def main(args):
     loss_row = {}
 
     def save(i):
+        x = image(z, i - 1 if i else 0).detach()
         record["curve"].append({"iteration": i, "seconds": round(elapsed + time.time() - t0, 1),
-                                "ssim": paper_avg_ssim(x_true, x.detach()), **loss_row})
+                                "ssim": paper_avg_ssim(x_true, x), **loss_row})
         record["seconds_per_iteration"] = (elapsed + time.time() - t0) / max(i, 1)
-        torch.save({"x": x.detach(), "opt": opt.state_dict(), "iteration": i,
+        torch.save({"x": x, "z": z.detach(), "opt": opt.state_dict(), "iteration": i,
                     "elapsed": elapsed + time.time() - t0}, state_path)
         with open(json_path, "w") as f:
             json.dump(record, f, indent=1)
@@ -187,6 +210,10 @@ def main(args):
     if start == 0:
         save(0)
     for i in range(start, args.iters):
+        if args.coarse and i == args.coarse_iters:  # to full size: the upsampled images, a fresh Adam
+            z = image(z, i - 1).detach().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=args.lr, betas=ADAM_BETAS)
+        x = image(z, i)
         for g in opt.param_groups:
             g["lr"] = args.lr * lr_factor(i, args.iters, args.schedule, args.warmup)
         if args.match == "layers":
@@ -198,12 +225,12 @@ def main(args):
         if bn is not None and i < args.bn_prior_until * args.iters:
             prior = bn.prior(run, x)
             total = total + args.bn_prior * prior
-        (grad,) = torch.autograd.grad(total, [x])
-        x.grad = grad.sign() if args.signed else grad
+        (grad,) = torch.autograd.grad(total, [z])
+        z.grad = grad.sign() if args.signed else grad
         opt.step()
-        if args.box:
+        if args.box:  # bilinear upsampling of in-box pixels stays in the box
             with torch.no_grad():
-                x.copy_(torch.max(torch.min(x, hi), lo))
+                z.copy_(torch.max(torch.min(z, hi), lo))
         loss_row = {"match": round(match.item(), 5), "tv": round(tv.item(), 4), "bn": round(float(prior), 3)}
         done = i + 1
         if done % args.every == 0 or done == args.iters or stop["now"] or (deadline and time.time() > deadline):
