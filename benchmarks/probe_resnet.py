@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    help="coarse to fine: for the first --coarse_iters iterations the dummies are R x R images"
                         " upsampled (bilinear) to full size, then full-size images from there (0: off)")
     p.add_argument("--coarse_iters", type=int, default=300)
+    p.add_argument("--fine_lr_scale", type=float, default=1.0,
+                   help="after the coarse stage, the lr schedule times this (a gentler switch to full size)")
     p.add_argument("--match", default="global", choices=["global", "layers"],
                    help="global: recons.py's 1 - cos of the whole parameter change; layers: the mean over"
                         " parameter tensors of each tensor's 1 - cos (every layer weighs the same)")
@@ -214,8 +216,9 @@ def main(args):
             z = image(z, i - 1).detach().requires_grad_(True)
             opt = torch.optim.Adam([z], lr=args.lr, betas=ADAM_BETAS)
         x = image(z, i)
+        scale = args.fine_lr_scale if args.coarse and not coarse(i) else 1.0
         for g in opt.param_groups:
-            g["lr"] = args.lr * lr_factor(i, args.iters, args.schedule, args.warmup)
+            g["lr"] = scale * args.lr * lr_factor(i, args.iters, args.schedule, args.warmup)
         if args.match == "layers":
             total, match, tv = layerwise_loss(run, x, labels, true_change, run.config["args"]["bs"], steps, sgd, args.tv)
         else:
