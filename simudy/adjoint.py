@@ -6,7 +6,6 @@ the time. `choose_backprop` ('auto') takes the unrolled pass while its predicted
 """
 import math
 import os
-from dataclasses import replace
 
 import torch
 
@@ -90,10 +89,7 @@ def unrolled_graph_bytes(model, theta0, buffers, x, labels, rbs, epochs, sgd):
     scratch = scratch_buffers(buffers, sgd)
     xb = x[:rbs].detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        # the batch's own gradient (torch.func, which DP's clip check uses, refuses saved-tensor hooks);
-        # a binding DP clip makes the real graph larger than this estimate
-        loss_gradient(model, params, scratch, xb, labels[:rbs], replace(sgd, per_sample_clip=None), create_graph=True,
-                      clip=False)
+        loss_gradient(model, params, scratch, xb, labels[:rbs], sgd, create_graph=True, clip=False)
     return (sum(storages.values()) + 2 * parameter_bytes(params)) * epochs * math.ceil(len(x) / rbs)
 
 
