@@ -70,6 +70,10 @@ def check_args(args):
     if auto and (args.grid_search or args.resume):
         raise UserError("--rlr/--rbs auto runs its own short runs and cannot resume; pass the chosen"
                         " --rlr/--rbs (printed, and in auto_search.csv) with --grid_search or --resume")
+    if auto and args.auto_criterion == "norm" and args.num_dummy is not None:
+        raise UserError("--auto_criterion norm (the fast and resnet presets' choice) needs the true number of"
+                        " images (the change's norm grows with it);"
+                        " drop --num_dummy, or use --auto_criterion loss")
     if args.num_dummy is not None and args.num_dummy < 1:
         raise UserError(f"--num_dummy {args.num_dummy} must be at least 1")
     if (args.theta0 is None) != (args.theta_final is None):

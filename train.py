@@ -167,6 +167,11 @@ def main(args):
     history = sgd_train(model, subset["images"].to(device), subset["labels"].to(device), args.lr, args.bs,
                         args.epochs, args.momentum, args.weight_decay, args.bn_mode, defence=defence)
     theta_final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if not all(torch.isfinite(v).all() for v in theta_final.values() if v.is_floating_point()):
+        if not os.listdir(run_dir):  # a diverged training leaves no run folder behind
+            os.rmdir(run_dir)
+        raise UserError(f"the training diverged (train loss {history[-1]['loss']}, parameters not finite) at"
+                        f" --lr {args.lr:g}; lower --lr")
 
     torch.save(theta0, os.path.join(run_dir, THETA0))
     torch.save(theta_final, os.path.join(run_dir, THETA_FINAL))

@@ -25,7 +25,8 @@ from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, s
 from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
                      total_gradient_norms)
 from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
-from .search import GRID_SEARCH_STEPS, auto_search, best_start, plot_auto_search, search_candidates, short_run
+from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
+                     search_candidates, short_run)
 from .target import training_config, training_run_from_states
 
 
@@ -111,13 +112,17 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     if AUTO in (rlr, rbs):
         candidates = search_candidates(rlr, rbs, None, run.config["args"]["bs"], args.rlr_candidates,
                                        args.rbs_candidates)
-        search = auto_search(run, args, candidates, num_dummy, args.rec_lr, device, train_images)
+        if args.auto_criterion == "norm":
+            search = norm_search(run, args, candidates, num_dummy, device, train_images)
+            why = f"the true change's norm after {NORM_MATCH_ITERATIONS} iterations"
+        else:
+            search = auto_search(run, args, candidates, num_dummy, args.rec_lr, device, train_images)
+            why = f"lowest loss after {GRID_SEARCH_STEPS} steps"
         rlr = args.rlr = search[0]["rlr"]
         rbs = args.rbs = search[0]["rbs"]
         if callable(run_dir):  # the CLI names the folder after the chosen values
             run_dir = run_dir(args)
-        print(f"\nauto search chose --rlr {rlr:g} --rbs {rbs} (lowest loss after {GRID_SEARCH_STEPS}"
-              f" steps); run folder {run_dir}")
+        print(f"\nauto search chose --rlr {rlr:g} --rbs {rbs} ({why}); run folder {run_dir}")
 
     x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
     restarts = None
@@ -136,9 +141,11 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     config = run_config(args, train_dir, device, rlr=rlr, rbs=rbs, num_dummy=num_dummy,
                         simulation=vars(setup.sgd), backprop=setup.backprop)
     if search:
-        write_csv(os.path.join(run_dir, "auto_search.csv"), search, ["rlr", "rbs", "final_loss", "avg_ssim"])
-        plot_auto_search(search, os.path.join(run_dir, "auto_search.png"))
-        config["auto_search"] = {"steps": GRID_SEARCH_STEPS, "chosen": {"rlr": rlr, "rbs": rbs},
+        write_csv(os.path.join(run_dir, "auto_search.csv"), search, list(dict.fromkeys(k for r in search for k in r)))
+        if args.auto_criterion == "loss":
+            plot_auto_search(search, os.path.join(run_dir, "auto_search.png"))
+        config["auto_search"] = {"criterion": args.auto_criterion, "chosen": {"rlr": rlr, "rbs": rbs},
+                                 "steps": GRID_SEARCH_STEPS if args.auto_criterion == "loss" else NORM_MATCH_ITERATIONS,
                                  "candidates": search}
     if restarts:
         config["restarts"] = {"iterations": args.restart_iterations, "starts": restarts}
@@ -162,7 +169,8 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         if args.num_dummy:  # the unknown-N ranking; the simulation's sgd, clip off
             norms = total_gradient_norms(run.model, run.theta0, run.buffers, x, labels, setup.rbs, setup.epochs,
                                          setup.sgd)
-            ranked.update(ranking=rank_dummies(norms), grad_norms=norms)
+            ranked.update(ranking=rank_dummies(norms, labels if args.ranking == "class_balanced" else None),
+                          grad_norms=norms)
         return save_snapshot(run_dir, epoch, x, labels, epoch, step, **ranked)
     iterate = functools.partial(simudy_iteration, setup, x, labels, opt, sched)
     loss = run_to_end(run_dir, state, start, total, args.max_iterations, iterate,

@@ -64,13 +64,18 @@ def number_or_auto(kind):
 # own, as the paper's text), never how a simulated step is computed. Explicit flags win.
 PRESETS = {
     "paper": {},
+    # --rlr/--rbs auto by the norm criterion and --num_dummy's class-balanced ranking (benchmarks/unknowns.py:
+    # the paper's short-run loss picks the grid's end on images no one tuned on, the norm the true lr within a
+    # grid step; ranking within each class keeps more of the matched dummies).
     "fast": {"schedule": "cosine", "rec_epochs": 4, "rec_steps_per_epoch": 200, "clip_epochs": 1,
-             "tv_weight": 2e-3, "steps": 0, "snapshot": "last"},
+             "tv_weight": 2e-3, "steps": 0, "snapshot": "last", "auto_criterion": "norm",
+             "ranking": "class_balanced"},
     # ResNets (benchmarks/README.md, "ResNets"): the fast recipe with Adam lr 0.1 (the dummies must travel
     # far from noise, and Adam moves a pixel about lr per step), pixels kept in the valid range, TV 10x
     # the fast preset's (the objective barely sees pixel noise on a ResNet), no clip.
     "resnet": {"schedule": "cosine", "rec_epochs": 4, "rec_steps_per_epoch": 375, "clip_epochs": 0,
-               "tv_weight": 2e-2, "steps": 0, "rec_lr": 0.1, "box": True, "snapshot": "last"},
+               "tv_weight": 2e-2, "steps": 0, "rec_lr": 0.1, "box": True, "snapshot": "last",
+               "auto_criterion": "norm", "ranking": "class_balanced"},
 }
 
 
@@ -134,6 +139,10 @@ def add_recons_id_args(parser):
     g.add_argument("--num_dummy", default=None, type=int,
                    help="dummies to reconstruct when the dataset size is unknown; default the training's N"
                         " (SimuDy) or 2N (baselines); a given value adds _ndummy<M> to the folder name")
+    g.add_argument("--ranking", default="norm", choices=["norm", "class_balanced"],
+                   help="--num_dummy's ranking: norm (paper), descending total-gradient norm; class_balanced (fast,"
+                        " resnet presets), the same norm within each label, one dummy per class per round, for a"
+                        " class-balanced training subset (README, 'Unknown lr, batch size and N')")
     g.add_argument("--train_dir", default=None,
                    help="training run folder; default derived from the flags above")
     g.add_argument("--recons_dir", default=None,
@@ -232,6 +241,10 @@ def add_reconstruction_args(p):
     g.add_argument("--max_minutes", default=0, type=float,
                    help="stop (resumably, with a snapshot) after this many minutes of iterations; 0 = no limit")
     g = p.add_argument_group("--rlr auto / --rbs auto (the paper's selection, in-process)")
+    g.add_argument("--auto_criterion", default="loss", choices=["loss", "norm"],
+                   help="loss (paper preset): the paper's, the lowest loss after a 50-step run per candidate; norm"
+                        " (fast, resnet presets): a 200-iteration reconstruction, then the lr whose simulated change"
+                        " has the true change's norm (README, 'Unknown lr, batch size and N'; needs the true N)")
     g.add_argument("--rlr_candidates", default=None, type=float, nargs="+",
                    help="simulation lrs to try; default the paper's 0.020 down to 0.001 in steps of 0.001")
     g.add_argument("--rbs_candidates", default=None, type=int, nargs="+",

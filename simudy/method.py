@@ -5,6 +5,7 @@ training on them (same lr, batch size, simulated epochs, unrolled SGD) and moves
 simulated change theta0 - theta_hat_f points the way of theta0 - theta_f:
     loss = 1 - cos(theta0 - theta_hat_f, theta0 - theta_f) + tv_weight * sum_batches TV(x_batch)
 """
+import collections
 import contextlib
 import math
 from dataclasses import dataclass
@@ -314,6 +315,16 @@ def total_gradient_norms(model, theta0, buffers, x, labels, rbs, epochs, sgd, bu
     return torch.cat(norms).cpu()
 
 
-def rank_dummies(norms):
-    """Dummy indices by descending total-gradient norm (ties keep index order)."""
-    return torch.argsort(norms, descending=True, stable=True)
+def rank_dummies(norms, labels=None):
+    """Dummy indices by descending total-gradient norm (ties keep index order): the paper's ranking. With
+    labels (--ranking class_balanced), round by round: each round takes every class's next-best dummy,
+    classes in descending order of that dummy's norm, so the first k*C ranks hold k dummies of each class, as a
+    class-balanced training subset (the paper's first k per class) has."""
+    by_norm = torch.argsort(norms, descending=True, stable=True)
+    if labels is None:
+        return by_norm
+    depth, above = [], collections.Counter()  # depth: how many of its class rank above a dummy by norm
+    for j in by_norm.tolist():
+        depth.append(above[int(labels[j])])
+        above[int(labels[j])] += 1
+    return by_norm[torch.argsort(torch.tensor(depth), stable=True)]

@@ -8,12 +8,15 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 from .errors import UserError
 from .loop import run_iterations
-from .method import initial_dummies, simudy_iteration, simudy_optimisers, simudy_setup
+
+from .method import cosine_distance, initial_dummies, simudy_iteration, simudy_optimisers, simudy_setup
 from .runs import AUTO, read_json, write_csv, write_json
 from .scoring import paper_avg_ssim
+from .simulate import flat, sgd_config_from_training, simulate_training
 
 GRID_SEARCH_STEPS = 50    # --grid_search 1 and --rlr/--rbs auto: one epoch of 50 steps
 # The paper's lr sweep (grid_search.sh): 0.020 down to 0.001 in steps of 0.001.
@@ -80,6 +83,92 @@ def auto_search(run, args, candidates, num_dummy, rec_lr, device, train_images=N
     if not math.isfinite(rows[0]["final_loss"]):
         raise UserError("every short run's loss became nan or inf; lower --rec_lr or try smaller --rlr_candidates")
     return rows
+
+
+# --auto_criterion norm (issue 15, benchmarks/unknowns.py): a reconstruction this long at the candidates'
+# middle lr, then the lr whose simulated change has the true change's norm.
+NORM_MATCH_ITERATIONS = 200
+
+
+def simulated_change(run, x, labels, lr, bs, epochs):
+    """theta0 - theta_hat_final (flat) of the training simulated on (x, labels) at (lr, bs), without a graph."""
+    sgd = sgd_config_from_training(run.config["args"], lr)
+    batches = list(zip(x.detach().split(bs), labels.split(bs)))
+    with torch.enable_grad():  # each simulated step differentiates the training loss w.r.t. the parameters
+        _, change, _ = simulate_training(run.model, run.theta0, run.buffers, batches, epochs, sgd, create_graph=False)
+    return flat(change.values()).detach()
+
+
+def change_agreement(run, x, labels, lr, bs, epochs):
+    """(1 - cos, log of the norm ratio) of the simulated change at (lr, bs) against the true change."""
+    change = simulated_change(run, x, labels, lr, bs, epochs)
+    true = run.weight_change
+    return float(cosine_distance(change, true)), float(torch.log(change.norm() / true.norm()))
+
+
+def lr_matching_norm(rows):
+    """The lr at which the log norm ratio crosses 0, interpolated in log lr between the two candidates that
+    bracket it (the ratio rises with lr); the nearer end of the candidates when none does."""
+    line = sorted(rows, key=lambda r: r["rlr"])
+    for a, b in zip(line, line[1:]):
+        if a["log_norm_ratio"] <= 0 <= b["log_norm_ratio"]:
+            t = -a["log_norm_ratio"] / max(1e-12, b["log_norm_ratio"] - a["log_norm_ratio"])
+            return float(math.exp(math.log(a["rlr"]) + t * (math.log(b["rlr"]) - math.log(a["rlr"]))))
+    return line[0]["rlr"] if line[0]["log_norm_ratio"] > 0 else line[-1]["rlr"]
+
+
+def norm_search(run, args, candidates, num_dummy, device, train_images=None):
+    """--auto_criterion norm: dummies reconstructed for a start (`norm_search_dummies`), then each candidate
+    simulated once on them (`norm_choice`). Returns norm_choice's rows."""
+    x, labels = norm_search_dummies(run, args, candidates, num_dummy, device, train_images)
+    return norm_choice(run, x, labels, candidates)
+
+
+def norm_search_dummies(run, args, candidates, num_dummy, device, train_images=None):
+    """(x, labels): the dummies reconstructed for NORM_MATCH_ITERATIONS iterations (one cosine decay) at the
+    candidates' geometric-middle lr and the training's batch size (or the middle candidate), from args.seed."""
+    data, train_args = run.config["data"], run.config["args"]
+    if num_dummy != data["num_images"]:
+        raise UserError("--auto_criterion norm (the fast and resnet presets' choice) needs the true number of"
+                        " images (the change's norm grows with it);"
+                        " drop --num_dummy, or use --auto_criterion loss")
+    lrs, sizes = sorted({lr for lr, _ in candidates}), sorted({bs for _, bs in candidates})
+    guess_lr = math.exp(sum(map(math.log, lrs)) / len(lrs))
+    guess_bs = train_args["bs"] if train_args["bs"] in sizes else sizes[len(sizes) // 2]
+    x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+    setup, _ = simudy_setup(run, guess_lr, guess_bs, args, x, labels)
+    setup = dataclasses.replace(setup, steps_per_epoch=NORM_MATCH_ITERATIONS, clip_epochs=0)
+    opt, sched = simudy_optimisers(x, args.rec_lr, "cosine", NORM_MATCH_ITERATIONS)
+    run_iterations(functools.partial(simudy_iteration, setup, x, labels, opt, sched), range(NORM_MATCH_ITERATIONS),
+                   stop_on_nonfinite=True)
+    ssim = None if train_images is None else paper_avg_ssim(train_images, x.detach().cpu())
+    print(f"\nnorm criterion: {NORM_MATCH_ITERATIONS} iterations at rlr {guess_lr:.3g}, rbs {guess_bs}"
+          + (f" (SSIM {ssim:.3f})" if ssim is not None else ""))
+    return x.detach(), labels
+
+
+def norm_choice(run, x, labels, candidates):
+    """Each candidate (lr, bs) simulated once on the dummies over the training's epochs. Because 1 - cos
+    ignores scale, the change's norm is what the lr sets: per batch size the lr at which the norm matches
+    the true one (interpolated), and of those the (lr, bs) with the lowest 1 - cos. Returns the rows: the
+    chosen first, the other batch sizes' picks, then every candidate (final_loss = 1 - cos)."""
+    epochs = run.config["args"]["epochs"]
+    rows = []
+    for lr, bs in candidates:
+        cos, ratio = change_agreement(run, x, labels, lr, bs, epochs)
+        rows.append({"rlr": lr, "rbs": bs, "final_loss": cos, "log_norm_ratio": ratio})
+    picks = []
+    for bs in sorted({bs for _, bs in candidates}):
+        lr = float(f"{lr_matching_norm([r for r in rows if r['rbs'] == bs]):.3g}")
+        cos, ratio = change_agreement(run, x, labels, lr, bs, epochs)
+        picks.append({"rlr": lr, "rbs": bs, "final_loss": cos, "log_norm_ratio": ratio})
+    chosen = min(picks, key=lambda r: r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf)
+    print(f"{'rlr':>8} {'rbs':>5} {'1 - cos':>10} {'log norm ratio':>15}")
+    for r in rows:
+        print(f"{r['rlr']:>8g} {r['rbs']:>5d} {r['final_loss']:>10.5f} {r['log_norm_ratio']:>+15.3f}")
+    print("norm-matched: " + ", ".join(f"rbs {p['rbs']} rlr {p['rlr']:g} (1 - cos {p['final_loss']:.5f})" for p in picks)
+          + ("; lr/bs is what the change fixes, the batch size itself is barely visible in it" if len(picks) > 1 else ""))
+    return [chosen] + [p for p in picks if p is not chosen] + rows
 
 
 def plot_auto_search(rows, path):

@@ -26,6 +26,23 @@ def test_rank_dummies_orders_by_descending_norm_ties_by_index():
     assert rank_dummies(torch.tensor([1.0, 4.0, 18 ** 0.5, 0.0, 1.0])).tolist() == [2, 1, 0, 4, 3]
 
 
+def test_class_balanced_ranking_against_a_loop_over_rounds():
+    """--ranking class_balanced two ways: rank_dummies' one stable sort of within-class depth, and a plain
+    loop that takes each class's k-th best dummy in round k, the round's dummies by descending norm. The
+    first k*C ranks hold k dummies of every class; within a class the order is the norm order."""
+    gen = torch.Generator().manual_seed(3)
+    norms, labels = torch.rand(40, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    per_class = {c: sorted((j for j in range(40) if labels[j] == c), key=lambda j: -norms[j]) for c in range(4)}
+    expected = []
+    for k in range(max(map(len, per_class.values()))):
+        expected += sorted((ranks[k] for ranks in per_class.values() if k < len(ranks)), key=lambda j: -norms[j])
+    ranking = rank_dummies(norms, labels).tolist()
+    assert ranking == expected and sorted(ranking) == list(range(40))
+    k = min(map(len, per_class.values()))
+    assert sorted(labels[ranking[:4 * k]].tolist()) == sorted(list(range(4)) * k)
+    assert rank_dummies(norms, labels).tolist() != rank_dummies(norms).tolist()  # it does reorder
+
+
 @pytest.mark.parametrize("budget", [RANKING_BUDGET_BYTES, 1])  # 1 byte: one dummy per chunk
 def test_total_gradient_norms_equal_a_per_dummy_loop(budget):
     """||sum_t grad loss(theta_t; x_j)|| along the graph-free simulation, against autograd one dummy at a

@@ -3,6 +3,7 @@
 (in test_pipeline.py, with the seed README), in parallel (JOBS, GPUS) and through submitit."""
 import csv
 import json
+import math
 import os
 import sys
 
@@ -15,7 +16,9 @@ import simudy.search
 import train
 from simudy.errors import UserError
 from simudy.runs import AUTO, write_json
-from simudy.search import GRID_SEARCH_STEPS, PAPER_RLR_CANDIDATES, search_candidates, summarise_grid_search
+from simudy.search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, PAPER_RLR_CANDIDATES, change_agreement,
+                           lr_matching_norm, search_candidates, summarise_grid_search)
+from simudy.target import load_training_run
 from tests.helpers import reference_avg_ssim, run, run_script
 
 TINY_RESNET = ["--width", "4", "--pretrain_imgs", "5", "--pretrain_epochs", "1"]
@@ -183,3 +186,51 @@ def test_restarts_continue_from_the_lowest_loss_start(mlp_run):
     one = run(recons, common + ["--restarts", 1, "--recons_dir", "one"])
     assert torch.equal(torch.load(os.path.join(one, "0_1.pth"))["x"],
                        torch.load(os.path.join(run(recons, common + ["--recons_dir", "none"]), "0_1.pth"))["x"])
+
+
+def test_lr_matching_norm_interpolates_where_the_ratio_crosses_zero():
+    """Two paths to the same lr: a ratio that is exactly log(lr / 0.007) gives back 0.007 by the log-log
+    interpolation; a ratio that never crosses 0 gives the nearer end of the candidates."""
+    lrs = [0.001, 0.002, 0.005, 0.01, 0.02]
+    rows = [{"rlr": lr, "log_norm_ratio": math.log(lr / 0.007)} for lr in lrs]
+    assert lr_matching_norm(rows) == pytest.approx(0.007, rel=1e-9)
+    assert lr_matching_norm([{"rlr": lr, "log_norm_ratio": math.log(lr / 0.1)} for lr in lrs]) == 0.02
+    assert lr_matching_norm([{"rlr": lr, "log_norm_ratio": math.log(lr / 1e-4)} for lr in lrs]) == 0.001
+
+
+def test_change_agreement_at_the_true_images(mlp_run):
+    """The objective check behind --auto_criterion norm: at the true images and the true (lr, bs) the simulated
+    change is the true one (1 - cos ~ 0, norm ratio 1); twice the lr about doubles the norm (the training is
+    near-linear) and turns the direction a little; twice the lr with twice the batch (the same lr/bs) gives a
+    change much nearer the true norm than twice the lr alone."""
+    train_run = load_training_run(mlp_run.train_dir, "cpu")
+    subset = torch.load(os.path.join(mlp_run.train_dir, "train_subset.pth"))
+    x, labels = subset["images"], subset["labels"]
+    cos, ratio = change_agreement(train_run, x, labels, 0.05, 5, 1)
+    assert abs(cos) < 1e-5 and abs(ratio) < 1e-5
+    cos_2lr, ratio_2lr = change_agreement(train_run, x, labels, 0.1, 5, 1)
+    assert ratio_2lr == pytest.approx(math.log(2), abs=0.1) and 1e-3 < cos_2lr < 0.2
+    cos, ratio = change_agreement(train_run, x, labels, 0.1, 10, 1)  # one batch of 10 at lr x 2: same lr/bs
+    assert abs(ratio) < ratio_2lr / 3
+
+
+def test_rlr_auto_norm_criterion(mlp_run):
+    """--auto_criterion norm: 200 iterations at the candidates' middle lr, then the lr whose change has the true
+    norm, interpolated between the candidates; recorded in auto_search.csv and config.json; --num_dummy is
+    refused before any work (the norm grows with the number of images)."""
+    flags = mlp_run.flags + ["--tlr", 0.05, "--steps", 1, "--rlr", AUTO, "--auto_criterion", "norm",
+                             "--rlr_candidates", 0.01, 0.03, 0.1, 0.3]
+    with pytest.raises(UserError, match="needs the true number of images"):
+        run(recons, flags + ["--num_dummy", 12])
+    recons_dir = run(recons, flags + ["--rec_epochs", 1, "--rec_steps_per_epoch", 2])
+    with open(os.path.join(recons_dir, "auto_search.csv")) as f:
+        rows = list(csv.DictReader(f))
+    chosen = float(rows[0]["rlr"])
+    candidates = {float(r["rlr"]): float(r["log_norm_ratio"]) for r in rows[1:]}
+    assert sorted(candidates) == [0.01, 0.03, 0.1, 0.3]
+    below = max(lr for lr, ratio in candidates.items() if ratio <= 0)  # the bracket the interpolation used
+    above = min(lr for lr, ratio in candidates.items() if ratio >= 0)
+    assert below <= chosen <= above and 0.02 < chosen < 0.12  # the true lr is 0.05
+    config = json.load(open(os.path.join(recons_dir, "config.json")))
+    assert config["auto_search"]["criterion"] == "norm" and config["rlr"] == chosen
+    assert config["auto_search"]["steps"] == NORM_MATCH_ITERATIONS

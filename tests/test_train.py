@@ -9,6 +9,7 @@ import torch
 import train
 from models import MODELS, build_model
 from simudy.errors import UserError
+from tests.conftest import MLP_FLAGS
 from tests.helpers import one_line_error, run
 
 
@@ -49,3 +50,12 @@ def test_bad_inputs_give_one_line_errors(mlp_run, empty_dir, offline, capsys):
     valid = err.split("choose from", 1)[1]  # the registry's names, whatever argparse's quoting
     for name in MODELS:
         assert name in valid, name
+
+
+def test_a_diverged_training_is_an_error_not_a_run(fashion_root, in_tmp_cwd):
+    """An lr that makes the parameters nan or inf ends in a one-line error naming --lr, and leaves no run
+    folder for recons.py to find (a ResNet-18 w16 at lr 0.02 did this in benchmarks/unknowns.py)."""
+    flags = MLP_FLAGS[:2] + ["--data_root", fashion_root] + MLP_FLAGS[2:]
+    with pytest.raises(UserError, match="diverged.*lower --lr"):
+        run(train, flags + ["--lr", 1e30, "--epochs", 2])
+    assert not os.listdir(os.path.join("ckpts", "model_ckpt"))
