@@ -34,6 +34,7 @@ from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_reconstruction_args, add_recons_id_args,
                           add_runtime_args, add_training_hparam_args, parse_with_preset, pick_device, set_seed)
 from simudy.runs import AUTO, TRAIN_SUBSET, load_checkpoint, recons_dir_from_args, resolve_rec_lr, resolve_run
+from simudy.search import NORM_NEEDS_TRUE_N
 from simudy.target import load_training_run, training_config, training_run_from_states
 from utils import run_main
 
@@ -71,9 +72,7 @@ def check_args(args):
         raise UserError("--rlr/--rbs auto runs its own short runs and cannot resume; pass the chosen"
                         " --rlr/--rbs (printed, and in auto_search.csv) with --grid_search or --resume")
     if auto and args.auto_criterion == "norm" and args.num_dummy is not None:
-        raise UserError("--auto_criterion norm (the fast and resnet presets' choice) needs the true number of"
-                        " images (the change's norm grows with it);"
-                        " drop --num_dummy, or use --auto_criterion loss")
+        raise UserError(NORM_NEEDS_TRUE_N)
     if args.num_dummy is not None and args.num_dummy < 1:
         raise UserError(f"--num_dummy {args.num_dummy} must be at least 1")
     if (args.theta0 is None) != (args.theta_final is None):

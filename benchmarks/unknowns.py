@@ -28,7 +28,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch

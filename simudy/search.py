@@ -12,7 +12,6 @@ import torch
 
 from .errors import UserError
 from .loop import run_iterations
-
 from .method import cosine_distance, initial_dummies, simudy_iteration, simudy_optimisers, simudy_setup
 from .runs import AUTO, read_json, write_csv, write_json
 from .scoring import paper_avg_ssim
@@ -88,6 +87,8 @@ def auto_search(run, args, candidates, num_dummy, rec_lr, device, train_images=N
 # --auto_criterion norm (issue 15, benchmarks/unknowns.py): a reconstruction this long at the candidates'
 # middle lr, then the lr whose simulated change has the true change's norm.
 NORM_MATCH_ITERATIONS = 200
+NORM_NEEDS_TRUE_N = ("--auto_criterion norm (the fast and resnet presets' choice) needs the true number of images"
+                     " (the change's norm grows with it); drop --num_dummy, or use --auto_criterion loss")
 
 
 def simulated_change(run, x, labels, lr, bs, epochs):
@@ -129,9 +130,7 @@ def norm_search_dummies(run, args, candidates, num_dummy, device, train_images=N
     candidates' geometric-middle lr and the training's batch size (or the middle candidate), from args.seed."""
     data, train_args = run.config["data"], run.config["args"]
     if num_dummy != data["num_images"]:
-        raise UserError("--auto_criterion norm (the fast and resnet presets' choice) needs the true number of"
-                        " images (the change's norm grows with it);"
-                        " drop --num_dummy, or use --auto_criterion loss")
+        raise UserError(NORM_NEEDS_TRUE_N)
     lrs, sizes = sorted({lr for lr, _ in candidates}), sorted({bs for _, bs in candidates})
     guess_lr = math.exp(sum(map(math.log, lrs)) / len(lrs))
     guess_bs = train_args["bs"] if train_args["bs"] in sizes else sizes[len(sizes) // 2]
