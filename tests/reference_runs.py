@@ -27,6 +27,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 REFERENCE = ROOT / "tests" / "reference" / "outputs.json"
+# the kernels the reference was recorded with: float reductions, so digests hold only on the same ones
+RECORDED_ON = ROOT / "tests" / "reference" / "recorded_on.json"
 MLP = ["--dataset", "fashion_mnist", "--model_name", "mlp", "--width", "24", "--num_imgs_per_class", "1",
        "--bs", "5"]
 RESNET = ["--dataset", "fashion_mnist", "--model_name", "resnet18", "--width", "4", "--num_imgs_per_class", "1",
@@ -123,9 +125,15 @@ def reference_outputs(work_dir, data_root):
         torch.set_num_threads(threads)
 
 
+def kernels():
+    """What decides the digests besides the code: torch's version and the CPU kernels it dispatches to."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--write", action="store_true", help=f"write {REFERENCE.relative_to(ROOT)}")
+    p.add_argument("--json_out", help="write the digests to this file (the test runs this module in a fresh process)")
     args = p.parse_args()
     from tests.conftest import make_idx_root
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +145,10 @@ def main():
     if args.write:
         REFERENCE.parent.mkdir(parents=True, exist_ok=True)
         REFERENCE.write_text(text + "\n")
+        RECORDED_ON.write_text(json.dumps(kernels(), indent=1) + "\n")
         print(f"wrote {REFERENCE}")
+    elif args.json_out:
+        pathlib.Path(args.json_out).write_text(text + "\n")
     else:
         print(text)
 
