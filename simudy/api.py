@@ -9,6 +9,7 @@ recons.py's reconstruction goes through `reconstruct_from_args` below, as `recon
 options, defaults and outputs. Keyword options are recons.py's flags without the dashes.
 """
 import argparse
+import dataclasses
 import functools
 import os
 import tempfile
@@ -22,7 +23,7 @@ from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
 from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
-from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
+from .method import (coarse_stage, initial_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
                      total_gradient_norms)
 from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
 from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
@@ -105,6 +106,9 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     for note in unsimulated_defences(run.config["args"]):  # never a silent mismatch with the training
         print(note)
     num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
+    if args.coarse and args.coarse >= min(data["image_shape"][1:]):
+        raise UserError(f"--coarse {args.coarse} is not below the images' {data['image_shape'][1]} px; pass a"
+                        f" smaller resolution (e.g. half of it) or --coarse 0")
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
         return Reconstruction(x.cpu(), labels.cpu(), None, float("nan"), run_dir)
@@ -134,9 +138,12 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     if graph_bytes is not None:
         print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
     total = args.rec_epochs * args.rec_steps_per_epoch
-    opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup)
+    if args.coarse:  # the main run only: short runs (restarts, searches) move full-size dummies
+        setup = dataclasses.replace(setup, coarse=coarse_stage(x, args.coarse, args.coarse_iters))
+    opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup, setup.coarse)
     fields = LOG_FIELDS[:-1] + ["bn", LOG_FIELDS[-1]] if setup.bn_prior else LOG_FIELDS  # bn before seconds
-    state = RunState({"x": x}, {"optimizer": opt, "scheduler": sched}, labels, list(fields))
+    tensors = {"x": x} if setup.coarse is None else {"x": x, "z": setup.coarse.z}
+    state = RunState(tensors, {"optimizer": opt, "scheduler": sched}, labels, list(fields))
     start = open_run(run_dir, state, args.resume, args.overwrite, device)
     config = run_config(args, train_dir, device, rlr=rlr, rbs=rbs, num_dummy=num_dummy,
                         simulation=vars(setup.sgd), backprop=setup.backprop)

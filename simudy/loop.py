@@ -72,12 +72,18 @@ def open_run(run_dir, state, resume, overwrite, device):
     if not os.path.isfile(resume_path):
         raise UserError(f"nothing to resume in {run_dir} (no resume.pth); start without --resume")
     saved = torch.load(resume_path, map_location="cpu", weights_only=False)
+    unfit = f"{resume_path} does not fit these flags; resume with the flags the run was started with"
+    if any(k not in saved or saved[k].shape != t.shape for k, t in state.tensors.items()):
+        raise UserError(f"{unfit} (its tensors: {sorted(k for k, v in saved.items() if torch.is_tensor(v))})")
     with torch.no_grad():
         for k, t in state.tensors.items():
             t.copy_(saved[k].to(device))
         state.labels.copy_(torch.load(os.path.join(run_dir, LABELS)).to(device))
-    for k, o in state.stateful.items():
-        o.load_state_dict(saved[k])
+    try:
+        for k, o in state.stateful.items():
+            o.load_state_dict(saved[k])
+    except (KeyError, ValueError) as err:  # e.g. an optimiser over other tensors (--coarse on one side only)
+        raise UserError(f"{unfit} ({err})") from None
     start = saved["iteration"] + 1
     truncate_log(log_path, start, state.log_fields)
     print(f"resuming {run_dir} at iteration {start}")

@@ -39,6 +39,25 @@ def test_resume_ends_identical(fashion_root, in_tmp_cwd):
     assert log_full == log_split and len(log_full) == 9  # same losses, no duplicated rows
 
 
+def test_coarse_run_resumes_across_the_switch_identical(mlp_run):
+    """--coarse: a run cut inside the coarse stage and resumed ends as the uncut run; resuming it without
+    --coarse is a one-line error naming the fix."""
+    common = mlp_run.flags + ["--tlr", 0.05, "--steps", 2, "--rec_epochs", 1, "--rec_steps_per_epoch", 6,
+                              "--save_every", 2, "--schedule", "cosine", "--coarse", 7, "--coarse_iters", 3]
+    full = run(recons, common + ["--recons_dir", "full"])
+    run(recons, common + ["--recons_dir", "split", "--max_iterations", 2])
+    with pytest.raises(UserError) as excinfo:
+        run(recons, [a for a in common if a not in ("--coarse", 7)] + ["--recons_dir", "split", "--resume"])
+    one_line_error(excinfo, "does not fit these flags", "started with")
+    split = run(recons, common + ["--recons_dir", "split", "--resume"])
+    a, b = torch.load(os.path.join(full, "0_5.pth")), torch.load(os.path.join(split, "0_5.pth"))
+    assert torch.equal(a["x"], b["x"])
+    # bilinear upsampling is A z A^T with A 28x7: inside the stage every image has rank <= 7, after it more
+    assert max(torch.linalg.matrix_rank(im[0]).item() for im in torch.load(os.path.join(full, "0_2.pth"))["x"]) <= 7
+    assert min(torch.linalg.matrix_rank(im[0]).item() for im in a["x"]) > 7
+    assert log_without_seconds(full) == log_without_seconds(split)
+
+
 def test_baseline_resume_ends_identical(mlp_run):
     common = mlp_run.flags + ["--tlr", 0.05, "--method", "two_step", "--baseline_steps", 4, "--save_every", 2,
                               "--rec_lambda_lr", 1e-2]  # duals that visibly move, so their resume is checked

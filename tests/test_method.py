@@ -1,18 +1,20 @@
 """simudy/method.py: the loss at the true images, the unknown-N ranking (--num_dummy: dummies ranked by
 their total gradient norm over the simulation, metrics --top), the BN-statistics prior, the lr schedules,
-the box constraint and signed gradients."""
+the box constraint, signed gradients and the coarse stage."""
 import argparse
 import csv
+import dataclasses
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import metrics
 import recons
 import train
 from models import build_model
-from simudy.method import (RANKING_BUDGET_BYTES, BatchNormPrior, initial_dummies, lr_factor, rank_dummies,
+from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, coarse_stage, initial_dummies, lr_factor, rank_dummies,
                            reconstruction_loss, reconstruction_loss_and_grad, simudy_iteration, simudy_optimisers,
                            simudy_setup, total_gradient_norms)
 from simudy.runs import resolve_run
@@ -213,3 +215,49 @@ def test_box_and_signed_gradient_in_one_iteration():
     simudy_iteration(setup, x, labels, opt, sched, 0)
     assert set(x.grad.unique().tolist()) <= {-1.0, 0.0, 1.0}
     assert x.min() >= -2.0 and x.max() <= 2.0 and (x == 2.0).any() and (x == -2.0).any()
+
+
+def _tiny_mlp_run():
+    torch.manual_seed(0)
+    model = build_model("mlp", 10, (1, 8, 8), 8)
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    theta_final = {k: v - 0.01 * torch.randn_like(v) for k, v in theta0.items()}
+    config = {"args": {"lr": 0.1, "bs": 5, "epochs": 1}, "data": {"num_images": 10, "num_classes": 10,
+              "image_shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}}
+    return training_run_from_states(model, theta0, theta_final, config, "cpu")
+
+
+def test_coarse_stage_moves_the_low_resolution_images_as_adam_on_them_would():
+    """--coarse: two paths to the same step. recons.py's iteration (the image gradient, then the chain rule
+    through the upsampling) against Adam on z with autograd through loss(upsample(z)) (the probe's way);
+    after the stage, only the full-size dummies move."""
+    run = _tiny_mlp_run()
+    args = argparse.Namespace(backprop="unrolled", steps=1, clip_norm=20.0, clip_to=5.0, clip_epochs=0,
+                              rec_epochs=1, rec_steps_per_epoch=5, tv_weight=1e-3, loss_type="cos", keep_every=0,
+                              bn_prior=0.0, bn_prior_until=1.0, box=True, signed_grad=False)
+    x, labels, _ = initial_dummies(10, (1, 8, 8), 10, 0, "cpu")
+    setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
+    setup = dataclasses.replace(setup, coarse=coarse_stage(x, 4, 2))
+    z_ref = setup.coarse.z.detach().clone().requires_grad_(True)
+    assert torch.allclose(x, F.interpolate(z_ref, size=(8, 8), mode="bilinear", align_corners=False))
+    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, coarse=setup.coarse)
+    opt_ref = torch.optim.Adam([z_ref], lr=0.05, betas=ADAM_BETAS)
+    for i in range(2):
+        for g in opt_ref.param_groups:
+            g["lr"] = sched.get_last_lr()[0]
+        x_ref = F.interpolate(z_ref, size=(8, 8), mode="bilinear", align_corners=False)
+        total, _, _ = reconstruction_loss(run.model, run.theta0, run.buffers, x_ref, labels, run.weight_change, 5, 1,
+                                          setup.sgd, 1e-3, "cos")
+        (z_ref.grad,) = torch.autograd.grad(total, [z_ref])
+        opt_ref.step()
+        with torch.no_grad():
+            z_ref.clamp_(-2.0, 2.0)  # the box of mean 0.5, std 0.25
+        simudy_iteration(setup, x, labels, opt, sched, i)
+        assert x.grad is None
+        torch.testing.assert_close(setup.coarse.z.detach(), z_ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.detach(), F.interpolate(z_ref, size=(8, 8), mode="bilinear",
+                                                             align_corners=False).detach(), rtol=1e-5, atol=1e-6)
+    z_before, x_before = setup.coarse.z.detach().clone(), x.detach().clone()
+    simudy_iteration(setup, x, labels, opt, sched, 2)  # full size from here
+    assert torch.equal(setup.coarse.z.detach(), z_before) and not torch.equal(x.detach(), x_before)
+    assert opt.state[x]["step"].item() == 1  # x's Adam moments start fresh at the switch

@@ -49,11 +49,20 @@ def test_bad_training_runs_give_one_line_errors(mlp_run):
 
 
 @pytest.mark.parametrize("extra,needle", [(["--method", "one_step", "--rlr", AUTO], "drop them for --method"),
-                                          (["--rbs", AUTO, "--resume"], "pass the chosen --rlr/--rbs")])
+                                          (["--rbs", AUTO, "--resume"], "pass the chosen --rlr/--rbs"),
+                                          (["--coarse", -4], "resolution >= 1"),
+                                          (["--coarse", 8, "--method", "two_step"], "SimuDy only"),
+                                          (["--coarse", 8, "--grid_search", 1], "drop --coarse")])
 def test_auto_conflicts_are_one_line_errors(extra, needle):
     with pytest.raises(UserError, match=needle) as e:  # before any file is read
         run(recons, ["--model_name", "mlp"] + extra)
     one_line_error(e)
+
+
+def test_coarse_not_below_the_image_size_is_a_one_line_error(mlp_run):
+    with pytest.raises(UserError, match="not below the images' 28 px") as e:
+        run(recons, mlp_run.flags + ["--tlr", 0.05, "--coarse", 28])
+    one_line_error(e, "--coarse 0")
 
 
 def test_scripts_exit_with_one_line_message(mlp_run):
