@@ -195,18 +195,24 @@ def test_step_and_warmup_schedules():
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001])
 
 
-def test_box_and_signed_gradient_in_one_iteration():
-    """--box puts every pixel back inside the normalised [0, 1] range; --signed_grad hands Adam the sign."""
+def _tiny_mlp_run(side, **flags):
+    """A width-8 MLP on 10 side×side images (mean 0.5, std 0.25: the box is [-2, 2]) with a made-up theta_final,
+    and the flags simudy_setup reads (box on; `flags` override)."""
     torch.manual_seed(0)
-    model = build_model("mlp", 10, (1, 4, 4), 8)
+    model = build_model("mlp", 10, (1, side, side), 8)
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
     theta_final = {k: v - 0.01 * torch.randn_like(v) for k, v in theta0.items()}
     config = {"args": {"lr": 0.1, "bs": 5, "epochs": 1}, "data": {"num_images": 10, "num_classes": 10,
-              "image_shape": [1, 4, 4], "mean": [0.5], "std": [0.25]}}
-    run = training_run_from_states(model, theta0, theta_final, config, "cpu")
-    args = argparse.Namespace(backprop="unrolled", steps=1, clip_norm=20.0, clip_to=5.0, clip_epochs=0,
-                              rec_epochs=1, rec_steps_per_epoch=5, tv_weight=1e-3, loss_type="cos", keep_every=0,
-                              bn_prior=0.0, bn_prior_until=1.0, box=True, signed_grad=True)
+              "image_shape": [1, side, side], "mean": [0.5], "std": [0.25]}}
+    args = dict(backprop="unrolled", steps=1, clip_norm=20.0, clip_to=5.0, clip_epochs=0, rec_epochs=1,
+                rec_steps_per_epoch=5, tv_weight=1e-3, loss_type="cos", keep_every=0, bn_prior=0.0,
+                bn_prior_until=1.0, box=True, signed_grad=False)
+    return training_run_from_states(model, theta0, theta_final, config, "cpu"), argparse.Namespace(**{**args, **flags})
+
+
+def test_box_and_signed_gradient_in_one_iteration():
+    """--box puts every pixel back inside the normalised [0, 1] range; --signed_grad hands Adam the sign."""
+    run, args = _tiny_mlp_run(4, signed_grad=True)
     x, labels, _ = initial_dummies(10, (1, 4, 4), 10, 0, "cpu")
     with torch.no_grad():
         x.mul_(20)  # far outside [-2, 2], the box of mean 0.5, std 0.25
@@ -217,24 +223,11 @@ def test_box_and_signed_gradient_in_one_iteration():
     assert x.min() >= -2.0 and x.max() <= 2.0 and (x == 2.0).any() and (x == -2.0).any()
 
 
-def _tiny_mlp_run():
-    torch.manual_seed(0)
-    model = build_model("mlp", 10, (1, 8, 8), 8)
-    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
-    theta_final = {k: v - 0.01 * torch.randn_like(v) for k, v in theta0.items()}
-    config = {"args": {"lr": 0.1, "bs": 5, "epochs": 1}, "data": {"num_images": 10, "num_classes": 10,
-              "image_shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}}
-    return training_run_from_states(model, theta0, theta_final, config, "cpu")
-
-
 def test_coarse_stage_moves_the_low_resolution_images_as_adam_on_them_would():
     """--coarse: two paths to the same step. recons.py's iteration (the image gradient, then the chain rule
     through the upsampling) against Adam on z with autograd through loss(upsample(z)) (the probe's way);
     after the stage, only the full-size dummies move."""
-    run = _tiny_mlp_run()
-    args = argparse.Namespace(backprop="unrolled", steps=1, clip_norm=20.0, clip_to=5.0, clip_epochs=0,
-                              rec_epochs=1, rec_steps_per_epoch=5, tv_weight=1e-3, loss_type="cos", keep_every=0,
-                              bn_prior=0.0, bn_prior_until=1.0, box=True, signed_grad=False)
+    run, args = _tiny_mlp_run(8)
     x, labels, _ = initial_dummies(10, (1, 8, 8), 10, 0, "cpu")
     setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
     setup = dataclasses.replace(setup, coarse=coarse_stage(x, 4, 2))
