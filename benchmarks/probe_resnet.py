@@ -16,6 +16,7 @@ layer-wise match loss (--match layers).
     python benchmarks/probe_resnet.py --table b20_lr0.1_cos d20_lr0.1_cos        # their curves, one table
 """
 import argparse
+import bisect
 import json
 import os
 import signal
@@ -45,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--name", help="probe name: its files are runs/probes/<name>.{json,pth}")
     p.add_argument("--table", nargs="+", metavar="NAME",
                    help="print the SSIM curves of these probes as a markdown table (every 100 iterations) and exit")
+    p.add_argument("--seconds_per_iteration", nargs="+", type=float, metavar="S",
+                   help="with --table: each probe's seconds per iteration measured alone (one per name): print the"
+                        " SSIM at equal wall time instead (--minutes), interpolated between snapshots")
+    p.add_argument("--minutes", nargs="+", type=float, default=[10, 20, 30, 40, 60],
+                   help="the wall times of the --seconds_per_iteration table")
     p.add_argument("--train_dir", default=CONFIG_B_RUN)
     p.add_argument("--steps", type=int, default=20, help="simulated epochs (0 = the training's)")
     p.add_argument("--iters", type=int, default=1500, help="iterations of the whole schedule")
@@ -124,11 +130,45 @@ def layerwise_loss(run, x, labels, true_change, bs, steps, sgd, tv_weight):
     return match + tv_weight * tv, match, tv
 
 
+def curve_file(name):
+    """A running probe's own file, else the copy kept in results/."""
+    path = os.path.join(OUT_DIR, f"{name}.json")
+    return path if os.path.isfile(path) else os.path.join(RESULTS_DIR, f"{name}.json")
+
+
+def ssim_at(curve, iteration):
+    """The SSIM at an iteration, linear between the two snapshots around it; None past the curve's end."""
+    its = [c["iteration"] for c in curve]
+    if iteration > its[-1]:
+        return None
+    k = bisect.bisect_left(its, iteration)
+    if its[k] == iteration:
+        return curve[k]["ssim"]
+    a, b = curve[k - 1], curve[k]
+    t = (iteration - a["iteration"]) / (b["iteration"] - a["iteration"])
+    return a["ssim"] + t * (b["ssim"] - a["ssim"])
+
+
+def equal_time_table(names, seconds_per_iteration, minutes):
+    """Markdown rows: each probe's SSIM after the same wall time, its iterations being minutes * 60 / its
+    seconds per iteration (measured alone: probes that share the cores run at other speeds)."""
+    if len(seconds_per_iteration) != len(names):
+        sys.exit("error: pass one --seconds_per_iteration per --table name")
+    lines = ["| probe | s/iteration | " + " | ".join(f"{m:g} min" for m in minutes) + " |",
+             "|---|---|" + "---|" * len(minutes)]
+    for name, spi in zip(names, seconds_per_iteration):
+        curve = json.load(open(curve_file(name)))["curve"]
+        cells = []
+        for m in minutes:
+            it = int(m * 60 / spi)
+            ssim = ssim_at(curve, it)
+            cells.append("" if ssim is None else f"{ssim:.3f} ({it})")
+        lines.append(f"| {name} | {spi:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def curve_table(names, every=100):
     """Markdown rows: a probe's SSIM every `every` iterations and its last match loss."""
-    def curve_file(name):  # a running probe's own file, else the copy kept in results/
-        path = os.path.join(OUT_DIR, f"{name}.json")
-        return path if os.path.isfile(path) else os.path.join(RESULTS_DIR, f"{name}.json")
     records = {n: json.load(open(curve_file(n))) for n in names}
     last = max(r["curve"][-1]["iteration"] for r in records.values())
     its = list(range(0, last + 1, every))
@@ -143,6 +183,9 @@ def curve_table(names, every=100):
 
 
 def main(args):
+    if args.table and args.seconds_per_iteration:
+        print(equal_time_table(args.table, args.seconds_per_iteration, args.minutes))
+        return None
     if args.table:
         print(curve_table(args.table))
         return None
