@@ -14,6 +14,7 @@ layer-wise match loss (--match layers).
     python benchmarks/probe_resnet.py --name lr0.1 --lr 0.1 --iters 1500 --max_minutes 60
     python benchmarks/probe_resnet.py --name lr0.1 --resume --max_minutes 60     # continue it
     python benchmarks/probe_resnet.py --table b20_lr0.1_cos d20_lr0.1_cos        # their curves, one table
+    python benchmarks/probe_resnet.py --table b20_… b32_… --seconds_per_iteration 4.83 12.0   # at equal time
 """
 import argparse
 import bisect
