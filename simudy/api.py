@@ -96,6 +96,20 @@ def num_dummies(requested, num_train, method):
     return num_train if method == "simudy" else BASELINE_CANDIDATE_RATIO * num_train
 
 
+def check_coarse_flags(args, image_shape=None):
+    """--coarse's values that cannot work (recons.py checks them before reading a file, the API here too)."""
+    if not args.coarse:
+        return
+    if args.coarse < 1 or args.coarse_iters < 0 or args.method != "simudy":
+        raise UserError(f"--coarse {args.coarse} --coarse_iters {args.coarse_iters}: pass a resolution >= 1 and"
+                        f" iterations >= 0, for SimuDy only (or --coarse 0)")
+    if args.grid_search:
+        raise UserError("--grid_search's short run moves full-size dummies; drop --coarse for it")
+    if image_shape is not None and args.coarse >= min(image_shape[1:]):
+        raise UserError(f"--coarse {args.coarse} is not below the images' {image_shape[1]} px; pass a"
+                        f" smaller resolution (e.g. half of it) or --coarse 0")
+
+
 def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, train_images=None):
     """The reconstruction run that recons.py's flags `args` describe, on a TrainingRun, into run_dir, with
     the simulation's lr and batch size rlr, rbs (each a value or "auto"): the auto search first (each short
@@ -106,9 +120,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     for note in unsimulated_defences(run.config["args"]):  # never a silent mismatch with the training
         print(note)
     num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
-    if args.coarse and args.coarse >= min(data["image_shape"][1:]):
-        raise UserError(f"--coarse {args.coarse} is not below the images' {data['image_shape'][1]} px; pass a"
-                        f" smaller resolution (e.g. half of it) or --coarse 0")
+    check_coarse_flags(args, data["image_shape"])
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
         return Reconstruction(x.cpu(), labels.cpu(), None, float("nan"), run_dir)
