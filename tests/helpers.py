@@ -5,6 +5,7 @@ computation of the paper's average SSIM (skimage and the paper code's greedy loo
     from tests.helpers import run, one_line_error, make_runs
 """
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -146,3 +147,11 @@ def tiny_model(name, shape, width, seed=0, warm_batch=32):
             model.train()
             model(torch.randn(warm_batch, *shape))
     return model
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (benchmarks/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,16 @@
 """benchmarks/unknowns.py's own bookkeeping (issue 15): the scores its README tables are made of, and its
 resumable results file. The reconstruction functions it calls are tested in test_search / test_method."""
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def unknowns():
-    spec = importlib.util.spec_from_file_location("unknowns", ROOT / "benchmarks" / "unknowns.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("unknowns")
 
 
 def test_within_one_step_agrees_with_the_log_distance_to_the_neighbours(unknowns):
