@@ -125,9 +125,21 @@ def reference_outputs(work_dir, data_root):
         torch.set_num_threads(threads)
 
 
+def cpu_vendor():
+    """/proc/cpuinfo's vendor_id ("unknown" where there is none): oneDNN picks different convolution
+    kernels on Intel and AMD CPUs of the same ATen capability (session 9: AVX512 on both, 10/10 digests
+    differ)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def kernels():
     """What decides the digests besides the code: torch's version and the CPU kernels it dispatches to."""
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_vendor": cpu_vendor()}
 
 
 def main():
