@@ -16,8 +16,14 @@ import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]  # the project, and synthetic.py beside this script
+from simudy.flags import pick_device  # noqa: E402
+from simudy.method import reconstruction_loss_and_grad  # noqa: E402
+from simudy.simulate import SGDConfig  # noqa: E402
+from synthetic import synthetic_problem  # noqa: E402
 
 MODELS = {  # name -> (build_model name, width, image shape)
     "mlp": ("mlp", 1000, (3, 32, 32)),
@@ -45,23 +51,10 @@ def parse_args(argv=None):
 
 def run_cell(model_key, num_images, backprop, args):
     """One measurement, in this process."""
-    import torch
-    from models import build_model
-    from simudy.flags import pick_device
-    from simudy.method import reconstruction_loss_and_grad
-    from simudy.simulate import SGDConfig, split_state
-
     device = pick_device(args.device)
-    torch.manual_seed(0)
     name, width, shape = MODELS[model_key]
-    model = build_model(name, 10, shape, width).to(device)
-    with torch.no_grad():
-        model.train()
-        model(torch.randn(64, *shape, device=device))
-    theta0, buffers = split_state(model, model.state_dict())
-    weight_change = torch.randn(sum(p.numel() for p in theta0.values()), device=device)
-    x = (torch.randn(num_images, *shape) * 0.5).to(device).requires_grad_(True)
-    labels = (torch.arange(num_images) % 10).to(device)
+    model, theta0, buffers, weight_change, x, labels = synthetic_problem(name, width, shape, num_images, device)
+    x.requires_grad_(True)
     sgd = SGDConfig(lr=0.01)
 
     def iteration():

@@ -1,6 +1,8 @@
 """benchmarks/speed.py (issue 12): its settings are meant to change the time, never the numbers. Two
 paths: the image gradient of one reconstruction iteration in NCHW and in channels_last, and with oneDNN
-on and off, agree to float-order tolerance on a tiny ResNet."""
+on and off, agree to float-order tolerance on a tiny ResNet. Each other setting runs as speed.py runs it,
+in its own process: channels_last's backward crashes (SIGSEGV) with torch 2.14.1 on some CPUs (AVX2, no
+AVX512), and a crash there is a skip that says so, not a dead test run."""
 import pytest
 import torch
 
@@ -13,12 +15,15 @@ def speed():
 
 
 @pytest.mark.parametrize("setting", ["channels_last", "no_onednn"])
-def test_a_speed_setting_keeps_the_image_gradient(speed, setting):
-    args = speed.parse_args(["--width", "4", "--images", "4", "--bs", "2", "--steps", "2", "--device", "cpu"])
+def test_a_speed_setting_keeps_the_image_gradient(speed, setting, tmp_path):
+    args = speed.parse_args(["--width", "4", "--images", "4", "--bs", "2", "--steps", "2", "--device", "cpu",
+                             "--iterations", "1"])
     default = speed.build_iteration("default", args)()
-    try:
-        other = speed.build_iteration(setting, args)()
-    finally:
-        torch.backends.mkldnn.enabled = True  # no_onednn switches it off process-wide
+    grad_file = str(tmp_path / "grad.pt")
+    if speed.measure(setting, 1, grad_file, args) is None:
+        pytest.skip(f"{setting}'s process crashed on this CPU (torch {torch.__version__}, capability "
+                    f"{torch.backends.cpu.get_cpu_capability()}); speed.py prints the cell as crashed")
+    other = torch.load(grad_file)
     assert default.abs().max() > 0
-    torch.testing.assert_close(other.contiguous(), default, rtol=1e-4, atol=1e-4 * float(default.abs().max()))
+    torch.testing.assert_close(other, default.detach().cpu().contiguous(), rtol=1e-4,
+                               atol=1e-4 * float(default.abs().max()))
