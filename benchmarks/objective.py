@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from simudy.method import match_loss  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
-from simudy.simulate import flat, sgd_config_from_training, simulate_training  # noqa: E402
+from simudy.search import simulated_change  # noqa: E402
+from simudy.simulate import flat  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
 
 
@@ -62,16 +63,13 @@ def per_tensor_distance(sim, true):
             for n in true}
 
 
-def simulated_change(run, x, labels, sgd):
-    """theta0 - theta_hat_final of the training simulated on x (no graph)."""
+def training(run):
+    """(lr, bs, epochs) of the training run: the simulation replays it exactly."""
     train = run.config["args"]
-    batches = list(zip(x.split(train["bs"]), labels.split(train["bs"])))
-    _, displacement, _ = simulate_training(run.model, run.theta0, run.buffers, batches, train["epochs"], sgd,
-                                           create_graph=False)
-    return {n: d.detach() for n, d in displacement.items()}
+    return train["lr"], train["bs"], train["epochs"]
 
 
-def match_over_draws(run, x_true, y_true, sgd, sigmas, seed, draws):
+def match_over_draws(run, x_true, y_true, sigmas, seed, draws):
     """Per sigma: the SSIM of the first draw and the global match loss over `draws` noise draws."""
     print("| sigma | SSIM | match: mean | min | max | max / min |\n|---|---|---|---|---|---|")
     rows = []
@@ -81,7 +79,7 @@ def match_over_draws(run, x_true, y_true, sgd, sigmas, seed, draws):
             noise = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(seed + k))
             x = x_true + sigma * noise
             ssim = paper_avg_ssim(x_true, x) if ssim is None else ssim
-            change = simulated_change(run, x, y_true, sgd)
+            change = simulated_change(run, x, y_true, *training(run))
             losses.append(match_loss(flat(change.values()), run.weight_change, "cos").item())
         row = {"sigma": sigma, "ssim": ssim, "losses": losses, "mean": sum(losses) / draws}
         rows.append(row)
@@ -96,10 +94,8 @@ def main(args):
     run = load_training_run(args.train_dir, "cpu")
     subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
     x_true, y_true = subset["images"], subset["labels"]
-    train = run.config["args"]
-    sgd = sgd_config_from_training(train, train["lr"])
     if args.draws > 1:
-        return match_over_draws(run, x_true, y_true, sgd, [s for s in args.sigmas if s > 0], args.seed, args.draws)
+        return match_over_draws(run, x_true, y_true, [s for s in args.sigmas if s > 0], args.seed, args.draws)
     true_change = {n: run.theta0[n] - run.theta_final[n] for n in run.theta0}
     groups = layer_groups(list(true_change))
     share = {g: sum(true_change[n].pow(2).sum().item() for n in groups if groups[n] == g) for g in set(groups.values())}
@@ -113,7 +109,7 @@ def main(args):
     rows = []
     for sigma in args.sigmas:
         x = x_true + sigma * noise
-        displacement = simulated_change(run, x, y_true, sgd)
+        displacement = simulated_change(run, x, y_true, *training(run))
         glob = match_loss(flat(displacement.values()), run.weight_change, "cos").item()
         per = per_tensor_distance(displacement, true_change)
         by_group = {g: sum(v for n, v in per.items() if groups[n] == g) / sum(1 for n in per if groups[n] == g)

@@ -92,17 +92,18 @@ NORM_NEEDS_TRUE_N = ("--auto_criterion norm (the fast and resnet presets' choice
 
 
 def simulated_change(run, x, labels, lr, bs, epochs):
-    """theta0 - theta_hat_final (flat) of the training simulated on (x, labels) at (lr, bs), without a graph."""
+    """theta0 - theta_hat_final per parameter name of the training simulated on (x, labels) at (lr, bs),
+    without a graph."""
     sgd = sgd_config_from_training(run.config["args"], lr)
     batches = list(zip(x.detach().split(bs), labels.split(bs)))
     with torch.enable_grad():  # each simulated step differentiates the training loss w.r.t. the parameters
         _, change, _ = simulate_training(run.model, run.theta0, run.buffers, batches, epochs, sgd, create_graph=False)
-    return flat(change.values()).detach()
+    return {n: d.detach() for n, d in change.items()}
 
 
 def change_agreement(run, x, labels, lr, bs, epochs):
     """(1 - cos, log of the norm ratio) of the simulated change at (lr, bs) against the true change."""
-    change = simulated_change(run, x, labels, lr, bs, epochs)
+    change = flat(simulated_change(run, x, labels, lr, bs, epochs).values())
     true = run.weight_change
     return float(cosine_distance(change, true)), float(torch.log(change.norm() / true.norm()))
 

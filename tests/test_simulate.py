@@ -28,7 +28,7 @@ def test_simulation_reproduces_training(name, shape, bn_mode, momentum, weight_d
     # In float64 that rounding stays far below 1e-5.
     images, labels = torch.randn(23, *shape).to(device), (torch.arange(23) % 10).to(device)
     model = _model(name, shape, seed=0).to(device)
-    if bn_mode == "train":  # see below: float64, so that only the arithmetic, not its rounding, is compared
+    if bn_mode == "train":  # see above: float64, so that only the arithmetic, not its rounding, is compared
         images, model = images.double(), model.double()
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
     trained = copy.deepcopy(model)
