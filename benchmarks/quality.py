@@ -30,8 +30,11 @@ import os
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from simudy.scoring import paper_avg_ssim  # noqa: E402
 
 CIFAR10_JPG = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "cifar10-jpg")
 SSIM_GOOD = 0.4
@@ -86,8 +89,6 @@ def working_directory(path):
 def ssim_curve(recons_dir):
     """[(iteration, seconds into the reconstruction, avg SSIM)] for every snapshot of a SimuDy run: where
     quality peaks, and when."""
-    import torch
-    from simudy.scoring import paper_avg_ssim
     with open(os.path.join(recons_dir, "config.json")) as f:
         config = json.load(f)
     if config["method"] != "simudy":

@@ -16,6 +16,7 @@ is random: neither changes the cost. --profile prints the ops that take the time
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,16 +98,24 @@ def profile(args):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+# signals of a crash inside the cell's own code (a setting's kernels), as opposed to a kill from outside
+CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGFPE}
+
+
 def measure(setting, threads, grad_file, args):
     """Seconds per iteration of one cell, run in its own process, which saves its image gradient to
-    grad_file; None when that process is killed by a signal, so a crashing setting does not end the table."""
+    grad_file; None when that process crashes (SIGSEGV, ...), so a crashing setting does not end the table; a
+    SIGKILL (out of memory) stops the table with a one-line error."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", setting, str(threads), grad_file,
            "--width", str(args.width), "--images", str(args.images), "--bs", str(args.bs),
            "--steps", str(args.steps), "--iterations", str(args.iterations), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode < 0:  # a signal: channels_last's backward crashes on AVX2-only CPUs (torch 2.14.1)
+    if -out.returncode in CRASH_SIGNALS:  # channels_last's backward crashes on AVX2-only CPUs (torch 2.14.1)
         return None
+    if out.returncode < 0:  # SIGKILL is the kernel's out-of-memory killer (or a user), not a crash of the setting
+        raise SystemExit(f"cell {setting}/{threads} was killed by {signal.Signals(-out.returncode).name}: out of "
+                         f"memory? use a smaller --width or fewer --images")
     if out.returncode:
         raise SystemExit(f"cell {setting}/{threads} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]

@@ -61,6 +61,7 @@ CANDIDATE_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # a log grid: every true l
 CANDIDATE_BS = (5, 10, 20)
 NORM_MATCH = "200 fast-recipe iterations at the grid's middle lr, then the norm-matched lr"
 RANK_NS = (10, 20, 40)
+RANK_ITERS = 100  # the fast recipe's steps per epoch (x4 epochs) in the rank part
 
 
 def parse_args(argv=None):
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--true_lrs", nargs="+", type=float, default=list(TRUE_LRS))
     p.add_argument("--true_bs", nargs="+", type=int, default=list(TRUE_BS))
     p.add_argument("--rank_ns", nargs="+", type=int, default=list(RANK_NS), help="true N of the rank part")
-    p.add_argument("--rank_iters", type=int, default=100, help="fast recipe's steps per epoch (x4) for rank")
+    p.add_argument("--rank_iters", type=int, default=RANK_ITERS, help="fast recipe's steps per epoch (x4) for rank")
     p.add_argument("--table", action="store_true", help="print the tables of results/unknowns.json and exit")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -240,13 +241,14 @@ def skip_duplicates(order, ssim_between, n, threshold=0.5):
 
 
 def part_rank(config, n, device, iters):
-    key = f"rank/{config}/N{n}"
+    suffix = "" if iters == RANK_ITERS else f"_iters{iters}"  # the default's rows keep their first keys
+    key = f"rank/{config}/N{n}{suffix}"
     if done(key):
         return
     bs = min(20, n)
     train_dir = train(config, 1e-2, bs, per_class=n // 10)
     run = load_training_run(train_dir, device)
-    run_dir = os.path.join(RUNS, config, f"rank_N{n}")
+    run_dir = os.path.join(RUNS, config, f"rank_N{n}{suffix}")
     if not os.path.isfile(os.path.join(run_dir, RANKING)):  # a finished reconstruction is reused
         args = reconstruction_args(preset="fast", rec_steps_per_epoch=iters, overwrite=True, num_dummy=2 * n)
         args.steps = run.config["args"]["epochs"]
@@ -263,7 +265,7 @@ def part_rank(config, n, device, iters):
     between = ssim_matrix(images, images)
     orders["dedup"] = skip_duplicates(orders["last"], between, n)
     orders["balanced"] = rank_dummies(snaps[-1]["grad_norms"], snaps[-1]["labels"]).tolist()
-    row = {"key": key, "part": "rank", "config": config, "N": n, "M": 2 * n,
+    row = {"key": key, "part": "rank", "config": config, "N": n, "M": 2 * n, "iterations": 4 * iters,
            "ssim_all_M": paper_avg_ssim(train_x, images), "snapshots": len(snaps)}
     for name, order in orders.items():
         row[f"precision_{name}"] = top_n_precision(order, matched, n)
@@ -345,11 +347,11 @@ def print_tables(rows):
     rank = [r for r in rows if r["part"] == "rank"]
     if rank:
         print("\n## Unknown N: M = 2N dummies, precision of the top N and the SSIM it keeps")
-        print("| config | N | M | SSIM all M | norm (paper): precision | SSIM | summed: precision | SSIM "
+        print("| config | N | M | iterations | SSIM all M | norm (paper): precision | SSIM | summed: precision | SSIM "
               "| dedup: precision | SSIM | class_balanced: precision | SSIM | mean norm matched / unmatched |")
-        print("|---" * 13 + "|")
-        for r in sorted(rank, key=lambda r: (r["config"], r["N"])):
-            print(f"| {r['config']} | {r['N']} | {r['M']} | {r['ssim_all_M']:.3f} | "
+        print("|---" * 14 + "|")
+        for r in sorted(rank, key=lambda r: (r["config"], r["N"], r.get("iterations", 4 * RANK_ITERS))):
+            print(f"| {r['config']} | {r['N']} | {r['M']} | {r.get('iterations', 4 * RANK_ITERS)} | {r['ssim_all_M']:.3f} | "
                   + " | ".join(f"{r[f'precision_{k}']:.2f} | {r[f'ssim_{k}']:.3f}" for k in ("last", "summed", "dedup", "balanced"))
                   + f" | {r['norm_matched_mean']:.3g} / {r['norm_unmatched_mean']:.3g} |")
 
@@ -376,7 +378,9 @@ def main(args):
             for bs in args.true_bs:
                 for lr in args.true_lrs:
                     {"truth": part_truth, "select": part_select, "norm": part_norm}[part](config, lr, bs, device)
-                    print(f"{part} {config} lr {lr:g} bs {bs} done", flush=True)
+                    key = f"{part}/{config}/lr{lr:g}/bs{bs}"
+                    print(f"{part} {config} lr {lr:g} bs {bs} {'done' if done(key) else 'not done (see above)'}",
+                          flush=True)
     print_tables(load_results())
 
 

@@ -29,3 +29,15 @@ def test_a_speed_setting_keeps_the_image_gradient(speed, setting, tmp_path):
     assert default.abs().max() > 0
     torch.testing.assert_close(other, default.detach().cpu().contiguous(), rtol=1e-4,
                                atol=1e-4 * float(default.abs().max()))
+
+
+@pytest.mark.parametrize("returncode, crashed", [(-11, True), (-6, True), (-9, False)])
+def test_a_crash_is_a_crashed_cell_but_an_out_of_memory_kill_stops_the_table(speed, monkeypatch, returncode, crashed):
+    args = speed.parse_args(["--device", "cpu"])
+    monkeypatch.setattr(speed.subprocess, "run",
+                        lambda *a, **k: speed.subprocess.CompletedProcess(a, returncode, stdout="", stderr=""))
+    if crashed:
+        assert speed.measure("channels_last", 1, "unused.pt", args) is None
+    else:
+        with pytest.raises(SystemExit, match="SIGKILL: out of memory"):
+            speed.measure("channels_last", 1, "unused.pt", args)
