@@ -164,9 +164,13 @@ def paper_selection(run, args, true_lr, true_bs, device):
 # The parts
 
 
+def row_key(part, config, lr, bs):
+    return f"{part}/{config}/lr{lr:g}/bs{bs}"
+
+
 def open_row(part, config, lr, bs, device):
     """(key, training folder, TrainingRun) of a part's row, or None when the row is done or train.py refused."""
-    key = f"{part}/{config}/lr{lr:g}/bs{bs}"
+    key = row_key(part, config, lr, bs)
     if done(key):
         return None
     train_dir = train(config, lr, bs)
@@ -350,8 +354,9 @@ def print_tables(rows):
         print("| config | N | M | iterations | SSIM all M | norm (paper): precision | SSIM | summed: precision | SSIM "
               "| dedup: precision | SSIM | class_balanced: precision | SSIM | mean norm matched / unmatched |")
         print("|---" * 14 + "|")
-        for r in sorted(rank, key=lambda r: (r["config"], r["N"], r.get("iterations", 4 * RANK_ITERS))):
-            print(f"| {r['config']} | {r['N']} | {r['M']} | {r.get('iterations', 4 * RANK_ITERS)} | {r['ssim_all_M']:.3f} | "
+        iterations = lambda r: r.get("iterations", 4 * RANK_ITERS)  # noqa: E731 (rows before session 12 lack it)
+        for r in sorted(rank, key=lambda r: (r["config"], r["N"], iterations(r))):
+            print(f"| {r['config']} | {r['N']} | {r['M']} | {iterations(r)} | {r['ssim_all_M']:.3f} | "
                   + " | ".join(f"{r[f'precision_{k}']:.2f} | {r[f'ssim_{k}']:.3f}" for k in ("last", "summed", "dedup", "balanced"))
                   + f" | {r['norm_matched_mean']:.3g} / {r['norm_unmatched_mean']:.3g} |")
 
@@ -378,9 +383,8 @@ def main(args):
             for bs in args.true_bs:
                 for lr in args.true_lrs:
                     {"truth": part_truth, "select": part_select, "norm": part_norm}[part](config, lr, bs, device)
-                    key = f"{part}/{config}/lr{lr:g}/bs{bs}"
-                    print(f"{part} {config} lr {lr:g} bs {bs} {'done' if done(key) else 'not done (see above)'}",
-                          flush=True)
+                    state = "done" if done(row_key(part, config, lr, bs)) else "not done (see above)"
+                    print(f"{part} {config} lr {lr:g} bs {bs} {state}", flush=True)
     print_tables(load_results())
 
 
