@@ -17,7 +17,7 @@ from simudy.data import denormalise
 from simudy.errors import UserError
 from simudy.flags import add_metrics_args, parse_with_preset, pick_device
 from simudy.runs import (CONFIG, TRAIN_SUBSET, list_snapshots, load_checkpoint, metrics_dir_from_args, read_json,
-                         snapshot_path_from_args, write_csv, write_json)
+                         recorded_train_dir, snapshot_path_from_args, write_csv, write_json)
 from simudy.scoring import SSIM_GOOD, label_agreement, lpips_mean, match_by_ssim, psnr_per_pair, ssim_matrix
 from utils import run_main
 
@@ -36,11 +36,7 @@ def load_inputs(args):
     recons_dir, snapshot_path = snapshot_path_from_args(args)
     check_snapshot_exists(recons_dir, snapshot_path)
     config_path = os.path.join(recons_dir, CONFIG)
-    train_dir = args.train_dir
-    if not train_dir:
-        train_dir = read_json(config_path, "reconstruction (recons.py)").get("train_dir")
-        if not train_dir:
-            raise UserError(f"{config_path} names no train_dir; pass --train_dir")
+    train_dir = args.train_dir or recorded_train_dir(recons_dir, read_json(config_path, "reconstruction (recons.py)"))
     subset = load_checkpoint(os.path.join(train_dir, TRAIN_SUBSET), "training subset")
     snap = load_checkpoint(snapshot_path, "snapshot")
     if torch.is_tensor(snap):

@@ -13,7 +13,13 @@ the global match loss instead: on a smooth objective the draws agree and the mea
 rugged one (a training whose dynamics amplify small input changes) one sigma gives losses that differ
 several-fold between draws and the mean need not grow with sigma.
 
+--bn_prior adds a column with the BatchNorm prior of recons.py's --bn_prior (unweighted, at theta0, over
+batches of the training's batch size) of each row's images: where the truth sits on the prior against
+the noise and a reconstruction. --snapshots FILE ... adds a row per recons.py snapshot (its images with
+its labels, SSIM after matching as metrics.py), so the truth and a run's end are read in one table.
+
     python benchmarks/objective.py --train_dir benchmarks/runs/D/ckpts/model_ckpt/<run>
+    python benchmarks/objective.py --train_dir <run> --sigmas 0 0.1 1 --bn_prior --snapshots <recons>/3_374.pth
 """
 import argparse
 import os
@@ -24,10 +30,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from simudy.method import match_loss  # noqa: E402
+from simudy.method import BatchNormPrior, match_loss  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.search import simulated_change  # noqa: E402
-from simudy.simulate import flat  # noqa: E402
+from simudy.simulate import flat, sgd_config_from_training  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
 
 
@@ -39,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=1,
                    help="noise draws per sigma; > 1 prints the match loss's mean, min and max over them")
+    p.add_argument("--bn_prior", action="store_true",
+                   help="add a column with each row's BatchNorm prior at theta0 (recons.py's --bn_prior, unweighted)")
+    p.add_argument("--snapshots", nargs="+", default=[], metavar="FILE",
+                   help="recons.py snapshots (<recons_dir>/<epoch>_<step>.pth) to add as rows, with their labels")
     return p.parse_args(argv)
 
 
@@ -67,6 +77,26 @@ def training(run):
     """(lr, bs, epochs) of the training run: the simulation replays it exactly."""
     train = run.config["args"]
     return train["lr"], train["bs"], train["epochs"]
+
+
+def bn_prior_value(run, x):
+    """recons.py's BatchNorm prior of x at theta0, in batches of the training's batch size, unweighted."""
+    lr, bs, _ = training(run)
+    prior = BatchNormPrior(run.model, run.buffers)
+    with torch.no_grad():
+        return float(prior.at_theta0(run.theta0, run.buffers, x.split(bs), sgd_config_from_training(run.config["args"], lr)))
+
+
+def rows_to_score(x_true, y_true, sigmas, noise, snapshots):
+    """(name, images, labels): the truth plus sigma * noise for each sigma, then each snapshot's images."""
+    rows = [(sigma, x_true + sigma * noise, y_true) for sigma in sigmas]
+    for path in snapshots:
+        snap = torch.load(path, map_location="cpu")
+        if snap["x"].shape != x_true.shape:
+            raise SystemExit(f"{path} has images of shape {tuple(snap['x'].shape)}, the training run"
+                             f" {tuple(x_true.shape)}; pass snapshots of a reconstruction of this --train_dir")
+        rows.append((path, snap["x"].detach(), snap["labels"]))
+    return rows
 
 
 def match_over_draws(run, x_true, y_true, sigmas, seed, draws):
@@ -104,21 +134,24 @@ def main(args):
           + ", ".join(f"{g} {v / norm2:.3f}" for g, v in sorted(share.items())))
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(x_true.shape, generator=gen)
-    header = ["sigma", "SSIM", "match (global)", "mean per-tensor"] + sorted(share)
+    header = (["sigma", "SSIM", "match (global)", "mean per-tensor"] + sorted(share)
+              + (["BN prior"] if args.bn_prior else []))
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     rows = []
-    for sigma in args.sigmas:
-        x = x_true + sigma * noise
-        displacement = simulated_change(run, x, y_true, *training(run))
+    for name, x, labels in rows_to_score(x_true, y_true, args.sigmas, noise, args.snapshots):
+        displacement = simulated_change(run, x, labels, *training(run))
         glob = match_loss(flat(displacement.values()), run.weight_change, "cos").item()
         per = per_tensor_distance(displacement, true_change)
         by_group = {g: sum(v for n, v in per.items() if groups[n] == g) / sum(1 for n in per if groups[n] == g)
                     for g in share}
-        row = {"sigma": sigma, "ssim": paper_avg_ssim(x_true, x), "global": glob,
+        row = {"sigma": name, "ssim": paper_avg_ssim(x_true, x), "global": glob,
                "per_tensor": sum(per.values()) / len(per), **by_group}
+        if args.bn_prior:
+            row["bn_prior"] = bn_prior_value(run, x)
         rows.append(row)
-        print(f"| {sigma} | {row['ssim']:.3f} | {glob:.4f} | {row['per_tensor']:.4f} | "
-              + " | ".join(f"{by_group[g]:.4f}" for g in sorted(share)) + " |", flush=True)
+        print(f"| {name} | {row['ssim']:.3f} | {glob:.4f} | {row['per_tensor']:.4f} | "
+              + " | ".join(f"{by_group[g]:.4f}" for g in sorted(share))
+              + (f" | {row['bn_prior']:.2f}" if args.bn_prior else "") + " |", flush=True)
     return rows
 
 

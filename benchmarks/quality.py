@@ -34,6 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from simudy.runs import TRAIN_SUBSET, recorded_train_dir  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 
 CIFAR10_JPG = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "cifar10-jpg")
@@ -94,7 +95,7 @@ def ssim_curve(recons_dir):
     if config["method"] != "simudy":
         return []
     steps_per_epoch = config["args"]["rec_steps_per_epoch"]
-    train_images = torch.load(os.path.join(config["train_dir"], "train_subset.pth"))["images"]
+    train_images = torch.load(os.path.join(recorded_train_dir(recons_dir, config), TRAIN_SUBSET))["images"]
     with open(os.path.join(recons_dir, "log.csv")) as f:
         seconds = {int(r["iteration"]): float(r["seconds"]) for r in csv.DictReader(f)}
     curve = []

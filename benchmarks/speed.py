@@ -149,7 +149,7 @@ def main(args):
     print("|---|---|---|---|---|")
     for r in rows:
         if r["seconds"] is None:
-            print(f"| {r['setting']} | {r['threads']} | crashed (killed by a signal) | | |")
+            print(f"| {r['setting']} | {r['threads']} | crashed (SEGV, ABRT or another crash signal: a torch crash on this CPU) | | |")
             continue
         print(f"| {r['setting']} | {r['threads']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
               f"{r['grad_rel_diff']:.1e} |")

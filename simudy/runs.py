@@ -210,9 +210,27 @@ def library_versions():
 def run_config(args, train_dir, device, **fields):
     """A reconstruction run's config.json: the flags, seed, resolved values, versions and where it ran."""
     return {"stage": "recons", "method": args.method, "args": vars(args), "train_dir": train_dir,
+            "cwd": os.getcwd(),  # what a relative train_dir is relative to (recorded_train_dir)
             "seed": args.seed, **fields, "versions": library_versions(), "device": str(device),
             "cpu_threads": torch.get_num_threads(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # set per job by grid_search.sh
+
+
+def recorded_train_dir(recons_dir, config):
+    """The training run folder a reconstruction's config.json names, found from any working directory.
+    A relative train_dir is relative to the folder recons.py ran in: tried as given (the same folder),
+    from the config's recorded cwd, then from the reconstruction folder's parent (a `--recons_dir NAME`
+    run in configs older than the cwd field); the first that holds a training subset wins."""
+    train_dir = config.get("train_dir")
+    if not train_dir:
+        raise UserError(f"{os.path.join(recons_dir, CONFIG)} names no train_dir; pass --train_dir")
+    bases = ["", config.get("cwd") or "", os.path.dirname(os.path.abspath(recons_dir))]
+    for base in bases if not os.path.isabs(train_dir) else [""]:
+        candidate = os.path.join(base, train_dir)
+        if os.path.isfile(os.path.join(candidate, TRAIN_SUBSET)):
+            return candidate
+    raise UserError(f"training run {train_dir} (named in {os.path.join(recons_dir, CONFIG)}) not found from"
+                    f" here, from {config.get('cwd') or 'its recorded cwd'} or beside the run; pass --train_dir")
 
 
 def write_json(path, obj):

@@ -23,3 +23,28 @@ def test_the_truth_is_the_optimum_and_draws_repeat_the_single_draw_rows(objectiv
         assert row["losses"] == pytest.approx([single[4][k]["global"], single[5][k]["global"]], rel=1e-5)
         assert row["ssim"] == pytest.approx(single[4][k]["ssim"])
         assert row["mean"] == pytest.approx(sum(row["losses"]) / 2)
+
+
+def test_snapshot_rows_repeat_the_reconstructions_own_log(objective, cifar_cwd):
+    """Two paths to a reconstruction's match loss and BN prior: recons.py's log.csv at the iteration after a
+    snapshot (a snapshot holds the images after its iteration's step) and objective.py's row for it (its images and labels simulated again). The truth's prior is
+    below the noise's (the prior tells them apart)."""
+    import csv
+    import os
+
+    import recons
+    import train
+    from tests.helpers import run
+    flags = ["--model_name", "resnet18", "--width", 4, "--num_imgs_per_class", 1, "--bs", 5]
+    train_dir = run(train, flags + ["--lr", 0.05, "--epochs", 2, "--pretrain_imgs", 5, "--pretrain_epochs", 1])
+    recons_dir = run(recons, flags + ["--tlr", 0.05, "--steps", 0, "--rec_epochs", 1, "--rec_steps_per_epoch", 3,
+                                      "--save_every", 1, "--bn_prior", 0.1, "--tv_weight", 0])
+    snapshot = os.path.join(recons_dir, "0_1.pth")  # the images after iteration 1's step: iteration 2's loss
+    rows = objective.main(objective.parse_args(["--train_dir", train_dir, "--sigmas", "0", "3", "--bn_prior",
+                                                "--snapshots", snapshot]))
+    with open(os.path.join(recons_dir, "log.csv")) as f:
+        logged = {int(r["iteration"]): r for r in csv.DictReader(f)}[2]
+    assert rows[2]["sigma"] == snapshot
+    assert rows[2]["global"] == pytest.approx(float(logged["cos"]), rel=1e-4)
+    assert rows[2]["bn_prior"] == pytest.approx(float(logged["bn"]), rel=1e-4)
+    assert 0 < rows[0]["bn_prior"] < rows[1]["bn_prior"]

@@ -11,7 +11,8 @@ import metrics
 import recons
 import train
 from simudy.errors import UserError
-from simudy.runs import CKPT_ROOT, list_snapshots, recons_dir_from_args, snapshot_path_from_args, train_dir_from_args
+from simudy.runs import (CKPT_ROOT, list_snapshots, recons_dir_from_args, recorded_train_dir, snapshot_path_from_args,
+                         train_dir_from_args)
 from tests.helpers import make_runs, one_line_error, run
 
 TRAIN_NAME = "mlp_w16_fashion_mnist_num_img10_bsz5_lr0.05"  # mlp_run's, written out
@@ -66,3 +67,20 @@ def test_steps_0_without_a_training_run_is_a_one_line_error(mlp_run):
     with pytest.raises(UserError) as e:  # no training run of lr 0.07: its epochs cannot be read
         run(metrics, mlp_run.flags + ["--tlr", 0.07, "--preset", "fast"])
     one_line_error(e, "--steps 0", "config.json", "--steps N")
+
+
+def test_recorded_train_dir_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    start = tmp_path / "bench"
+    (start / "ckpts" / "train_run").mkdir(parents=True)
+    torch.save({"images": torch.zeros(1)}, start / "ckpts" / "train_run" / "train_subset.pth")
+    (start / "rec").mkdir()
+    relative = os.path.join(".", "ckpts", "train_run")
+    monkeypatch.chdir(start)  # where recons.py ran: the path as recorded
+    here = os.path.realpath(recorded_train_dir("rec", {"train_dir": relative, "cwd": str(start)}))
+    monkeypatch.chdir(tmp_path)  # elsewhere: from the recorded cwd, or beside the run without one
+    assert os.path.realpath(recorded_train_dir("bench/rec", {"train_dir": relative, "cwd": str(start)})) == here
+    assert os.path.realpath(recorded_train_dir("bench/rec", {"train_dir": relative})) == here
+    with pytest.raises(UserError, match="not found from here.*pass --train_dir"):
+        recorded_train_dir("bench/rec", {"train_dir": "./ckpts/other"})
+    with pytest.raises(UserError, match="names no train_dir"):
+        recorded_train_dir("bench/rec", {})
