@@ -31,6 +31,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from simudy.method import BatchNormPrior, match_loss  # noqa: E402
+from simudy.runs import load_checkpoint  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.search import simulated_change  # noqa: E402
 from simudy.simulate import flat, sgd_config_from_training  # noqa: E402
@@ -91,7 +92,7 @@ def rows_to_score(x_true, y_true, sigmas, noise, snapshots):
     """(name, images, labels): the truth plus sigma * noise for each sigma, then each snapshot's images."""
     rows = [(sigma, x_true + sigma * noise, y_true) for sigma in sigmas]
     for path in snapshots:
-        snap = torch.load(path, map_location="cpu")
+        snap = load_checkpoint(path, "snapshot")
         if snap["x"].shape != x_true.shape:
             raise SystemExit(f"{path} has images of shape {tuple(snap['x'].shape)}, the training run"
                              f" {tuple(x_true.shape)}; pass snapshots of a reconstruction of this --train_dir")

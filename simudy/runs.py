@@ -225,7 +225,7 @@ def recorded_train_dir(recons_dir, config):
     if not train_dir:
         raise UserError(f"{os.path.join(recons_dir, CONFIG)} names no train_dir; pass --train_dir")
     bases = ["", config.get("cwd") or "", os.path.dirname(os.path.abspath(recons_dir))]
-    for base in bases if not os.path.isabs(train_dir) else [""]:
+    for base in bases:  # joining onto an absolute train_dir gives it back unchanged
         candidate = os.path.join(base, train_dir)
         if os.path.isfile(os.path.join(candidate, TRAIN_SUBSET)):
             return candidate

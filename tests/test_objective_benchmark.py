@@ -1,8 +1,13 @@
 """benchmarks/objective.py (issue 12, "check the objective before the optimiser"): its tables on a tiny
 train.py run. Two paths: the --draws table's draw k is the single-draw table's row at seed + k."""
+import csv
+import os
+
 import pytest
 
-from tests.helpers import load_benchmark
+import recons
+import train
+from tests.helpers import load_benchmark, run
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +32,8 @@ def test_the_truth_is_the_optimum_and_draws_repeat_the_single_draw_rows(objectiv
 
 def test_snapshot_rows_repeat_the_reconstructions_own_log(objective, cifar_cwd):
     """Two paths to a reconstruction's match loss and BN prior: recons.py's log.csv at the iteration after a
-    snapshot (a snapshot holds the images after its iteration's step) and objective.py's row for it (its images and labels simulated again). The truth's prior is
-    below the noise's (the prior tells them apart)."""
-    import csv
-    import os
-
-    import recons
-    import train
-    from tests.helpers import run
+    snapshot (a snapshot holds the images after its iteration's step) and objective.py's row for it (its
+    images and labels simulated again). The truth's prior is below the noise's (the prior tells them apart)."""
     flags = ["--model_name", "resnet18", "--width", 4, "--num_imgs_per_class", 1, "--bs", 5]
     train_dir = run(train, flags + ["--lr", 0.05, "--epochs", 2, "--pretrain_imgs", 5, "--pretrain_epochs", 1])
     recons_dir = run(recons, flags + ["--tlr", 0.05, "--steps", 0, "--rec_epochs", 1, "--rec_steps_per_epoch", 3,
