@@ -31,13 +31,20 @@ class RunState:
     log_fields: list = field(default_factory=lambda: list(LOG_FIELDS))
 
 
+DEFAULT_NONFINITE_FIX = "lower --rec_lr or --rlr and restart"
+
+
 class NonFiniteLoss(Exception):
-    """An iteration's loss is nan or inf (raised before the dummies move)."""
+    """An iteration's loss is nan or inf (raised before the dummies move); `fix` is what the error tells."""
+
+    def __init__(self, message, fix=DEFAULT_NONFINITE_FIX):
+        super().__init__(message)
+        self.fix = fix
 
 
-def check_finite(value, where):
+def check_finite(value, where, fix=DEFAULT_NONFINITE_FIX):
     if not math.isfinite(value):
-        raise NonFiniteLoss(f"the loss became {value} at {where}")
+        raise NonFiniteLoss(f"the loss became {value} at {where}", fix)
     return value
 
 
@@ -133,8 +140,7 @@ def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfin
                 except NonFiniteLoss as err:
                     if stop_on_nonfinite:
                         return {"iteration": iteration, "total": float("nan")}, "completed"
-                    raise UserError(f"{err}; the last good snapshot is {last_good or 'none'}; lower --rec_lr or"
-                                    f" --rlr and restart") from None
+                    raise UserError(f"{err}; the last good snapshot is {last_good or 'none'}; {err.fix}") from None
                 row["seconds"] = round(time.time() - started, 3)
                 if log:
                     log.writerow(row)

@@ -84,6 +84,18 @@ def test_max_minutes_stops_with_a_snapshot_and_resumes(mlp_run):
     assert len(log_rows(cut)) == 4
 
 
+def test_diverged_simulation_names_the_clip(mlp_run):
+    """A simulated training that blows up on the dummies (here: a simulation lr of 1e30) is told apart from a
+    too-large outer step: its error names the paper's clip; with the clip on, the error is the generic one."""
+    base = mlp_run.flags + ["--tlr", 0.05, "--rlr", 1e30, "--rec_epochs", 2, "--rec_steps_per_epoch", 2]
+    with pytest.raises(UserError) as e:
+        run(recons, base + ["--clip_epochs", 0, "--recons_dir", "unclipped"])
+    assert "diverged" in one_line_error(e, "nan", "epoch 0 step 0", "--clip_epochs 1")
+    with pytest.raises(UserError) as e:
+        run(recons, base + ["--clip_epochs", 1, "--recons_dir", "clipped"])
+    assert "diverged" not in one_line_error(e, "epoch 0 step 0", "lower --rec_lr")
+
+
 def test_nan_loss_stops_and_keeps_last_snapshot(mlp_run, monkeypatch):
     real = simudy.method.reconstruction_loss_and_grad
     calls = {"n": 0}
