@@ -28,7 +28,8 @@ def test_readme_python_api_block_runs_as_written(tmp_path):
     script = tmp_path / "attack.py"
     script.write_text(readme_python_block())
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=tmp_path)
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ssim = float(re.search(r"average SSIM ([0-9.]+)", proc.stdout).group(1))
     assert ssim > 0.6, proc.stdout  # noise scores ~0.01; the README states the measured value

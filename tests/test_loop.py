@@ -51,11 +51,16 @@ def test_coarse_run_resumes_across_the_switch_identical(mlp_run):
     one_line_error(excinfo, "does not fit these flags", "started with")
     split = run(recons, common + ["--recons_dir", "split", "--resume"])
     a, b = torch.load(os.path.join(full, "0_5.pth")), torch.load(os.path.join(split, "0_5.pth"))
-    assert torch.equal(a["x"], b["x"])
+    # bit-identical on this project's CPU; on the 16-core host of a GPU machine, loaded, one pixel differed in
+    # the 5th digit (6.9410e-04 vs 6.9409e-04: CPU kernels whose rounding depends on the arrays' alignment
+    # or threads). A wrong restore (fresh Adam moments, z re-derived from x) moves pixels by >1e-3.
+    torch.testing.assert_close(a["x"], b["x"], rtol=1e-5, atol=1e-7)
     # bilinear upsampling is A z A^T with A 28x7: inside the stage every image has rank <= 7, after it more
     assert max(torch.linalg.matrix_rank(im[0]).item() for im in torch.load(os.path.join(full, "0_2.pth"))["x"]) <= 7
     assert min(torch.linalg.matrix_rank(im[0]).item() for im in a["x"]) > 7
-    assert log_without_seconds(full) == log_without_seconds(split)
+    assert len(log_rows(full)) == len(log_rows(split)) == 6
+    for row_full, row_split in zip(log_rows(full), log_rows(split)):
+        assert float(row_split["total"]) == pytest.approx(float(row_full["total"]), rel=1e-5)
 
 
 def test_baseline_resume_ends_identical(mlp_run):
