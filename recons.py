@@ -28,7 +28,7 @@ import argparse
 import os
 
 from models import build_model
-from simudy.api import check_coarse_flags, reconstruct_from_args
+from simudy.api import check_reparam_flags, reconstruct_from_args
 from simudy.data import NORMALISATION
 from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_reconstruction_args, add_recons_id_args,
@@ -73,7 +73,7 @@ def check_args(args):
                         " --rlr/--rbs (printed, and in auto_search.csv) with --grid_search or --resume")
     if auto and args.auto_criterion == "norm" and args.num_dummy is not None:
         raise UserError(NORM_NEEDS_TRUE_N)
-    check_coarse_flags(args)
+    check_reparam_flags(args)
     if args.num_dummy is not None and args.num_dummy < 1:
         raise UserError(f"--num_dummy {args.num_dummy} must be at least 1")
     if (args.theta0 is None) != (args.theta_final is None):

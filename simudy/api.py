@@ -23,7 +23,7 @@ from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
 from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
-from .method import (coarse_stage, initial_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
+from .method import (coarse_stage, initial_dummies, pyramid_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
                      total_gradient_norms)
 from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
 from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
@@ -96,8 +96,16 @@ def num_dummies(requested, num_train, method):
     return num_train if method == "simudy" else BASELINE_CANDIDATE_RATIO * num_train
 
 
-def check_coarse_flags(args, image_shape=None):
-    """--coarse's values that cannot work (recons.py checks them before reading a file, the API here too)."""
+def check_reparam_flags(args, image_shape=None):
+    """--coarse's and --pyramid's values that cannot work (recons.py checks them before reading a file, the API
+    here too)."""
+    if args.pyramid:
+        if args.coarse or args.pyramid < 2 or args.method != "simudy" or args.grid_search:
+            raise UserError(f"--pyramid {args.pyramid}: pass 2 or more levels, for SimuDy's main run only, without"
+                            f" --coarse or --grid_search (or --pyramid 0)")
+        if image_shape is not None and 2 ** (args.pyramid - 1) >= min(image_shape[1:]):
+            raise UserError(f"--pyramid {args.pyramid}: its coarsest level would have under 2 pixels on the images'"
+                            f" {min(image_shape[1:])} px; pass fewer levels")
     if not args.coarse:
         return
     if args.coarse < 1 or args.coarse_iters < 0 or args.method != "simudy":
@@ -120,7 +128,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     for note in unsimulated_defences(run.config["args"]):  # never a silent mismatch with the training
         print(note)
     num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
-    check_coarse_flags(args, data["image_shape"])
+    check_reparam_flags(args, data["image_shape"])
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
         return Reconstruction(x.cpu(), labels.cpu(), None, float("nan"), run_dir)
@@ -151,10 +159,12 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
     total = args.rec_epochs * args.rec_steps_per_epoch
     if args.coarse:  # the main run only: short runs (restarts, searches) move full-size dummies
-        setup = dataclasses.replace(setup, coarse=coarse_stage(x, args.coarse, args.coarse_iters))
-    opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup, setup.coarse)
+        setup = dataclasses.replace(setup, reparam=coarse_stage(x, args.coarse, args.coarse_iters))
+    elif args.pyramid:
+        setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, args.pyramid))
+    opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup, setup.reparam)
     fields = LOG_FIELDS[:-1] + ["bn", LOG_FIELDS[-1]] if setup.bn_prior else LOG_FIELDS  # bn before seconds
-    tensors = {"x": x} if setup.coarse is None else {"x": x, "z": setup.coarse.z}
+    tensors = {"x": x, **({} if setup.reparam is None else setup.reparam.named_tensors())}
     state = RunState(tensors, {"optimizer": opt, "scheduler": sched}, labels, list(fields))
     start = open_run(run_dir, state, args.resume, args.overwrite, device)
     config = run_config(args, train_dir, device, rlr=rlr, rbs=rbs, num_dummy=num_dummy,

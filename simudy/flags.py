@@ -272,6 +272,9 @@ def add_reconstruction_args(p):
                    help="coarse to fine: for the first --coarse_iters iterations Adam moves R x R images and the"
                         " dummies are them upsampled (bilinear), then the full-size dummies (0: off)")
     g.add_argument("--coarse_iters", default=300, type=int, help="iterations of the coarse stage (--coarse)")
+    g.add_argument("--pyramid", default=0, type=int, metavar="L",
+                   help="L >= 2: the dummies are a sum of L images at full, half, quarter ... size, upsampled, and"
+                        " Adam moves every level throughout (a Laplacian pyramid; 0: off)")
     return p
 
 

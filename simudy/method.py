@@ -193,7 +193,8 @@ class SimuDySetup:
     bn_until: int = 0              # iterations with the BN prior on
     box: tuple = None              # (low, high) per-channel pixel bounds, 1×C×1×1, when --box
     signed_grad: bool = False
-    coarse: object = None          # a CoarseStage when --coarse (the main run only, never a short run)
+    reparam: object = None         # what Adam moves instead of the dummies: a CoarseStage (--coarse) or
+    #                                PyramidDummies (--pyramid); the main run only, never a short run
 
 
 def pixel_box(data, device):
@@ -216,8 +217,15 @@ class CoarseStage:
     def active(self, iteration):
         return iteration < self.iterations
 
-    def upsampled(self, size):
+    def named_tensors(self):
+        return {"z": self.z}
+
+    def composed(self, size):
         return F.interpolate(self.z, size=size, mode="bilinear", align_corners=False)
+
+    def clamp_into(self, box, size):
+        """Upsampling is a convex combination, so pixels of an in-box z stay in the box."""
+        self.z.copy_(torch.maximum(torch.minimum(self.z, box[1]), box[0]))
 
 
 def coarse_stage(x, resolution, iterations):
@@ -225,8 +233,41 @@ def coarse_stage(x, resolution, iterations):
     z = F.interpolate(x.detach(), size=(resolution, resolution), mode="area").requires_grad_(True)
     stage = CoarseStage(z, iterations)
     with torch.no_grad():
-        x.copy_(stage.upsampled(x.shape[-2:]))
+        x.copy_(stage.composed(x.shape[-2:]))
     return stage
+
+
+@dataclass
+class PyramidDummies:
+    """--pyramid L: the dummies are the sum of L images at H, H/2, ..., H/2^(L-1) pixels, each upsampled
+    (bilinear) to full size, and Adam moves every level throughout (a Laplacian-pyramid parameterisation,
+    as in feature visualisation). Adam's steps are about lr per element, so a coarse level moves a smooth
+    component as far per step as the full-size level moves one pixel: low frequencies are found first,
+    without coarse-to-fine's switch. The full-size level starts at the dummies, the others at 0."""
+    levels: list
+
+    def active(self, iteration):
+        return True
+
+    def named_tensors(self):
+        return {f"level{k}": z for k, z in enumerate(self.levels)}
+
+    def composed(self, size):
+        return sum(z if tuple(z.shape[-2:]) == tuple(size) else
+                   F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in self.levels)
+
+    def clamp_into(self, box, size):
+        """Into the box by moving the full-size level by what the clamp takes off the sum."""
+        x = self.composed(size)
+        self.levels[0].add_(torch.maximum(torch.minimum(x, box[1]), box[0]) - x)
+
+
+def pyramid_dummies(x, levels):
+    """The PyramidDummies of the dummies x with `levels` levels; x is unchanged (the coarse levels are 0)."""
+    h, w = x.shape[-2:]
+    return PyramidDummies([x.detach().clone().requires_grad_(True)] +
+                          [torch.zeros(*x.shape[:-2], math.ceil(h / 2 ** k), math.ceil(w / 2 ** k), device=x.device,
+                                       requires_grad=True) for k in range(1, levels)])
 
 
 def simudy_setup(run, rlr, rbs, args, x, labels):
@@ -269,14 +310,15 @@ def lr_factor(iteration, total, schedule, warmup):
     return 0.5 * (1 + math.cos(math.pi * (iteration - warmup) / max(1, total - warmup)))
 
 
-def simudy_optimisers(x, rec_lr, schedule="paper", total=None, warmup=0, coarse=None):
+def simudy_optimisers(x, rec_lr, schedule="paper", total=None, warmup=0, reparam=None):
     """Adam on the dummies and its lr schedule, stepped every iteration. "paper": CosineAnnealingLR(T_max=100),
     which is periodic (the lr returns to rec_lr every 200 iterations); "cosine": one decay from rec_lr to 0
     over the run's `total` iterations, so the run ends at a small lr instead of on a peak; "step": x0.1 at
     3/8, 5/8 and 7/8 of the run. `warmup` > 0 prepends a linear warm-up (cosine and step). With a
     CoarseStage, one Adam holds x and its z: Adam skips a tensor whose grad is None, so each stage moves
-    only its own, and x's moments start fresh at the switch, on the run's one schedule."""
-    tensors = [x] if coarse is None else [x, coarse.z]
+    only its own, and x's moments start fresh at the switch, on the run's one schedule. PyramidDummies'
+    levels are all moved, x never."""
+    tensors = [x] + ([] if reparam is None else list(reparam.named_tensors().values()))
     if schedule == "step" or (warmup and schedule == "cosine"):
         return adam_with_schedule(tensors, rec_lr, lr_lambda=lambda i: lr_factor(i, total, schedule, warmup))
     return adam_with_schedule(tensors, rec_lr, COSINE_T_MAX if schedule == "paper" or not total else total)
@@ -311,22 +353,27 @@ def simudy_iteration(setup, x, labels, opt, sched, iteration):
            "lr": sched.get_last_lr()[0]}
     if setup.bn_prior is not None:
         row["bn"] = setup.bn_prior.value if bn_weight else ""
-    coarse = setup.coarse is not None and setup.coarse.active(iteration)
-    moved = setup.coarse.z if coarse else x
-    if coarse:  # the chain rule through the upsampling; x.grad None, so Adam leaves x alone
+    reparam = setup.reparam if setup.reparam is not None and setup.reparam.active(iteration) else None
+    moved = [x] if reparam is None else list(reparam.named_tensors().values())
+    grads = [grad_x]
+    if reparam is not None:  # the chain rule through the upsampling; x.grad None, so Adam leaves x alone
         with torch.enable_grad():
-            (grad_x,) = torch.autograd.grad(setup.coarse.upsampled(x.shape[-2:]), [moved], grad_x)
+            grads = torch.autograd.grad(reparam.composed(x.shape[-2:]), moved, grad_x)
         x.grad = None
-    elif setup.coarse is not None:
-        setup.coarse.z.grad = None
-    moved.grad = grad_x.sign() if setup.signed_grad else grad_x
+    elif setup.reparam is not None:  # after the coarse stage: its z stays where it is
+        for z in setup.reparam.named_tensors().values():
+            z.grad = None
+    for tensor, g in zip(moved, grads):
+        tensor.grad = g.sign() if setup.signed_grad else g
     opt.step()
     sched.step()
     with torch.no_grad():
-        if setup.box is not None:  # back inside the valid pixel range (upsampling in-box pixels stays in it)
-            moved.copy_(torch.maximum(torch.minimum(moved, setup.box[1]), setup.box[0]))
-        if coarse:
-            x.copy_(setup.coarse.upsampled(x.shape[-2:]))
+        if reparam is not None:
+            if setup.box is not None:
+                reparam.clamp_into(setup.box, x.shape[-2:])
+            x.copy_(reparam.composed(x.shape[-2:]))
+        if setup.box is not None:  # back inside the valid pixel range (a pyramid's sum rounds past it by an ulp)
+            x.copy_(torch.maximum(torch.minimum(x, setup.box[1]), setup.box[0]))
     return row
 
 

@@ -1,6 +1,6 @@
 """simudy/method.py: the loss at the true images, the unknown-N ranking (--num_dummy: dummies ranked by
 their total gradient norm over the simulation, metrics --top), the BN-statistics prior, the lr schedules,
-the box constraint, signed gradients and the coarse stage."""
+the box constraint, signed gradients, the coarse stage and the pyramid."""
 import argparse
 import csv
 import dataclasses
@@ -14,7 +14,7 @@ import metrics
 import recons
 import train
 from models import build_model
-from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, coarse_stage, initial_dummies, lr_factor, rank_dummies,
+from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, coarse_stage, initial_dummies, pyramid_dummies, lr_factor, rank_dummies,
                            reconstruction_loss, reconstruction_loss_and_grad, simudy_iteration, simudy_optimisers,
                            simudy_setup, total_gradient_norms)
 from simudy.runs import resolve_run
@@ -230,10 +230,10 @@ def test_coarse_stage_moves_the_low_resolution_images_as_adam_on_them_would():
     run, args = _tiny_mlp_run(8)
     x, labels, _ = initial_dummies(10, (1, 8, 8), 10, 0, "cpu")
     setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
-    setup = dataclasses.replace(setup, coarse=coarse_stage(x, 4, 2))
-    z_ref = setup.coarse.z.detach().clone().requires_grad_(True)
+    setup = dataclasses.replace(setup, reparam=coarse_stage(x, 4, 2))
+    z_ref = setup.reparam.z.detach().clone().requires_grad_(True)
     assert torch.allclose(x, F.interpolate(z_ref, size=(8, 8), mode="bilinear", align_corners=False))
-    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, coarse=setup.coarse)
+    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, reparam=setup.reparam)
     opt_ref = torch.optim.Adam([z_ref], lr=0.05, betas=ADAM_BETAS)
     for i in range(2):
         for g in opt_ref.param_groups:
@@ -247,10 +247,54 @@ def test_coarse_stage_moves_the_low_resolution_images_as_adam_on_them_would():
             z_ref.clamp_(-2.0, 2.0)  # the box of mean 0.5, std 0.25
         simudy_iteration(setup, x, labels, opt, sched, i)
         assert x.grad is None
-        torch.testing.assert_close(setup.coarse.z.detach(), z_ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(setup.reparam.z.detach(), z_ref.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.detach(), F.interpolate(z_ref, size=(8, 8), mode="bilinear",
                                                              align_corners=False).detach(), rtol=1e-5, atol=1e-6)
-    z_before, x_before = setup.coarse.z.detach().clone(), x.detach().clone()
+    z_before, x_before = setup.reparam.z.detach().clone(), x.detach().clone()
     simudy_iteration(setup, x, labels, opt, sched, 2)  # full size from here
-    assert torch.equal(setup.coarse.z.detach(), z_before) and not torch.equal(x.detach(), x_before)
+    assert torch.equal(setup.reparam.z.detach(), z_before) and not torch.equal(x.detach(), x_before)
     assert opt.state[x]["step"].item() == 1  # x's Adam moments start fresh at the switch
+
+
+def test_pyramid_moves_every_level_as_adam_on_them_would():
+    """--pyramid: two paths to the same steps. recons.py's iteration (the image gradient, then the chain rule
+    through the sum of upsampled levels) against Adam on the levels with autograd through loss(sum); the run
+    starts at the dummies themselves, and with --box the sum stays inside it."""
+    run, args = _tiny_mlp_run(8, box=False)
+    x, labels, _ = initial_dummies(10, (1, 8, 8), 10, 0, "cpu")
+    x_start = x.detach().clone()
+    setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
+    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, 3))
+    assert [tuple(z.shape[-2:]) for z in setup.reparam.levels] == [(8, 8), (4, 4), (2, 2)]
+    torch.testing.assert_close(setup.reparam.composed((8, 8)).detach(), x_start, rtol=0, atol=0)
+    levels_ref = [z.detach().clone().requires_grad_(True) for z in setup.reparam.levels]
+    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, reparam=setup.reparam)
+    opt_ref = torch.optim.Adam(levels_ref, lr=0.05, betas=ADAM_BETAS)
+    for i in range(3):
+        for g in opt_ref.param_groups:
+            g["lr"] = sched.get_last_lr()[0]
+        x_ref = sum(F.interpolate(z, size=(8, 8), mode="bilinear", align_corners=False) for z in levels_ref)
+        total, _, _ = reconstruction_loss(run.model, run.theta0, run.buffers, x_ref, labels, run.weight_change, 5, 1,
+                                          setup.sgd, 1e-3, "cos")
+        grads = torch.autograd.grad(total, levels_ref)
+        for z, g in zip(levels_ref, grads):
+            z.grad = g
+        opt_ref.step()
+        simudy_iteration(setup, x, labels, opt, sched, i)
+        assert x.grad is None
+        for z, z_ref in zip(setup.reparam.levels, levels_ref):
+            torch.testing.assert_close(z.detach(), z_ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.detach(), sum(F.interpolate(z, size=(8, 8), mode="bilinear", align_corners=False)
+                                                   for z in levels_ref).detach(), rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(z.detach(), torch.zeros_like(z)) for z in setup.reparam.levels[1:])  # all moved
+
+    run, args = _tiny_mlp_run(8)  # --box: the full-size level takes up what the clamp removes from the sum
+    x, labels, _ = initial_dummies(10, (1, 8, 8), 10, 0, "cpu")
+    with torch.no_grad():
+        x.mul_(20)
+    setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
+    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, 2))
+    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, reparam=setup.reparam)
+    simudy_iteration(setup, x, labels, opt, sched, 0)
+    assert x.min() >= -2.0 and x.max() <= 2.0 and (x == 2.0).any() and (x == -2.0).any()
+    torch.testing.assert_close(setup.reparam.composed((8, 8)).detach(), x.detach(), rtol=1e-6, atol=1e-6)

@@ -52,7 +52,9 @@ def test_bad_training_runs_give_one_line_errors(mlp_run):
                                           (["--rbs", AUTO, "--resume"], "pass the chosen --rlr/--rbs"),
                                           (["--coarse", -4], "resolution >= 1"),
                                           (["--coarse", 8, "--method", "two_step"], "SimuDy only"),
-                                          (["--coarse", 8, "--grid_search", 1], "drop --coarse")])
+                                          (["--coarse", 8, "--grid_search", 1], "drop --coarse"),
+                                          (["--pyramid", 1], "2 or more levels"),
+                                          (["--pyramid", 3, "--coarse", 8], "without --coarse")])
 def test_auto_conflicts_are_one_line_errors(extra, needle):
     with pytest.raises(UserError, match=needle) as e:  # before any file is read
         run(recons, ["--model_name", "mlp"] + extra)
@@ -63,6 +65,12 @@ def test_coarse_not_below_the_image_size_is_a_one_line_error(mlp_run):
     with pytest.raises(UserError, match="not below the images' 28 px") as e:
         run(recons, mlp_run.flags + ["--tlr", 0.05, "--coarse", 28])
     one_line_error(e, "--coarse 0")
+
+
+def test_pyramid_with_too_many_levels_is_a_one_line_error(mlp_run):
+    with pytest.raises(UserError, match="under 2 pixels on the images' 28 px") as e:
+        run(recons, mlp_run.flags + ["--tlr", 0.05, "--pyramid", 6])
+    one_line_error(e, "fewer levels")
 
 
 def test_scripts_exit_with_one_line_message(mlp_run):
