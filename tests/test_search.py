@@ -144,10 +144,11 @@ def test_grid_search_through_submitit_local(cifar_cwd):
 
 def test_auto_lr_and_ranking_with_the_resnet_options(cifar_cwd):
     """--rlr auto and the unknown-N ranking keep working with the ResNet options on (BN prior, box, signed
-    gradients, warm-up and step decays): the choice is the lowest short-run loss, each short run's SSIM is
+    gradients, warm-up and step decays, the pyramid): the choice is the lowest short-run loss, each short run's SSIM is
     recorded, and the M dummies are ranked by descending total-gradient norm."""
     run(train, ["--num_imgs_per_class", 1, "--bs", 10, "--lr", 1e-2] + TINY_RESNET)
-    options = ["--bn_prior", 0.01, "--box", "--signed_grad", "--schedule", "step", "--warmup", 2, "--rec_lr", 0.05]
+    options = ["--bn_prior", 0.01, "--box", "--signed_grad", "--schedule", "step", "--warmup", 2, "--rec_lr", 0.05,
+               "--pyramid", 2]
     recons_dir = run(recons, ["--num_imgs_per_class", 1, "--bs", 10, "--tlr", 1e-2, "--width", 4, "--steps", 2,
                               "--rlr", "auto", "--rlr_candidates", 0.02, 0.005, "--num_dummy", 14,
                               "--rec_epochs", 1, "--rec_steps_per_epoch", 4, "--save_every", 2] + options)
