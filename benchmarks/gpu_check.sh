@@ -2,7 +2,8 @@
 # The device check of issue 12, as one script for one lease of a GPU machine (README, "Running at the
 # paper's scale on a GPU"): the test suite on CUDA, and config B at the paper's full width (ResNet-18
 # width 64, 20 CIFAR-10 images, lr 1e-2, bs 20) reconstructed side by side with --preset paper, --preset
-# resnet and --preset resnet with the E recipe's additions, each for at most $MINUTES minutes.
+# resnet and the resnet preset as it was before its pyramid and BN warm start (session 15's first GPU
+# run used that one, plain and with --coarse 16 and the warm start), each for at most $MINUTES minutes.
 #
 #   OUT=/tmp/out DATA=path/to/cifar10-jpg bash benchmarks/gpu_check.sh
 #   OUT=/tmp/out DATA=... WIDTH=4 PRETRAIN_IMGS=3 MINUTES=0.3 DEVICE=cpu TESTS=0 bash benchmarks/gpu_check.sh  # dry run
@@ -42,9 +43,9 @@ $PY train.py $B --lr 1e-2 --pretrain_imgs "$PRETRAIN_IMGS" --device "$DEVICE" --
   --overwrite > "$WORK/train.log" 2>&1 || { cat "$WORK/train.log" >> "$OUT/env.txt"; exit 1; }
 echo "train.py: $(( $(date +%s) - start )) s; $(tail -n 1 "$WORK/train.log")" >> "$OUT/env.txt"
 
-declare -A PRESET=([paper]=paper [resnet]=resnet [resnet_coarse_bnwarm]=resnet)
-declare -A EXTRA=([paper]="" [resnet]="" [resnet_coarse_bnwarm]="--coarse 16 --coarse_iters 300 --bn_prior 0.001 --bn_prior_until 0.3")
-NAMES="paper resnet resnet_coarse_bnwarm"
+declare -A PRESET=([paper]=paper [resnet]=resnet [resnet_before_pyramid]=resnet)
+declare -A EXTRA=([paper]="" [resnet]="" [resnet_before_pyramid]="--pyramid 0 --bn_prior 0")
+NAMES="paper resnet resnet_before_pyramid"
 pids=()
 for name in $NAMES; do
   $PY recons.py $B --tlr 1e-2 --preset ${PRESET[$name]} ${EXTRA[$name]} --train_dir "$WORK/train" \

@@ -100,9 +100,11 @@ def check_reparam_flags(args, image_shape=None):
     """--coarse's and --pyramid's values that cannot work (recons.py checks them before reading a file, the API
     here too)."""
     if args.pyramid:
-        if args.coarse or args.pyramid < 2 or args.method != "simudy" or args.grid_search:
-            raise UserError(f"--pyramid {args.pyramid}: pass 2 or more levels, for SimuDy's main run only, without"
-                            f" --coarse or --grid_search (or --pyramid 0)")
+        if args.pyramid < 2:
+            raise UserError(f"--pyramid {args.pyramid}: pass 2 or more levels, or --pyramid 0 for none")
+        if args.coarse:
+            raise UserError(f"--coarse and --pyramid {args.pyramid} both re-parameterise the dummies (--preset resnet"
+                            f" sets --pyramid 3); pass --pyramid 0 with --coarse")
         if image_shape is not None and 2 ** (args.pyramid - 1) >= min(image_shape[1:]):
             raise UserError(f"--pyramid {args.pyramid}: its coarsest level would have under 2 pixels on the images'"
                             f" {min(image_shape[1:])} px; pass fewer levels")
@@ -160,7 +162,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     total = args.rec_epochs * args.rec_steps_per_epoch
     if args.coarse:  # the main run only: short runs (restarts, searches) move full-size dummies
         setup = dataclasses.replace(setup, reparam=coarse_stage(x, args.coarse, args.coarse_iters))
-    elif args.pyramid:
+    elif args.pyramid and not args.grid_search:  # --grid_search's short run moves the images themselves
         setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, args.pyramid))
     opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup, setup.reparam)
     fields = LOG_FIELDS[:-1] + ["bn", LOG_FIELDS[-1]] if setup.bn_prior else LOG_FIELDS  # bn before seconds

@@ -86,11 +86,13 @@ def test_fast_preset_folder_schedule_and_scoring(mlp_run):
 
 
 def test_resnet_preset_reaches_recons_and_metrics_alike():
-    """--preset resnet: Adam lr 0.1 and the box in recons.py, and the same folder name in metrics.py (which
+    """--preset resnet: Adam lr 0.1, the box, the pyramid and the BN warm start in recons.py, and the same folder name in metrics.py (which
     has no --box, so takes only the preset's flags it has); explicit flags still win; the paper preset has
     every prior off."""
     rec = recons.parse_args(["--preset", "resnet"])
     assert (rec.rec_lr, rec.box, rec.schedule, rec.steps, rec.clip_epochs) == (0.1, True, "cosine", 0, 0)
+    assert (rec.pyramid, rec.bn_prior, rec.bn_prior_until) == (3, 1e-3, 0.3)
+    assert recons.parse_args(["--preset", "resnet", "--pyramid", "0", "--coarse", "16"]).pyramid == 0
     assert recons.parse_args(["--preset", "resnet", "--rec_lr", "0.03"]).rec_lr == 0.03
     met = metrics.parse_args(["--preset", "resnet"])
     assert met.rec_lr == 0.1 and met.snapshot == "last" and not hasattr(met, "box")

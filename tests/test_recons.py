@@ -54,7 +54,7 @@ def test_bad_training_runs_give_one_line_errors(mlp_run):
                                           (["--coarse", 8, "--method", "two_step"], "SimuDy only"),
                                           (["--coarse", 8, "--grid_search", 1], "drop --coarse"),
                                           (["--pyramid", 1], "2 or more levels"),
-                                          (["--pyramid", 3, "--coarse", 8], "without --coarse")])
+                                          (["--preset", "resnet", "--coarse", 8], "pass --pyramid 0 with --coarse")])
 def test_auto_conflicts_are_one_line_errors(extra, needle):
     with pytest.raises(UserError, match=needle) as e:  # before any file is read
         run(recons, ["--model_name", "mlp"] + extra)
