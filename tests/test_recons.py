@@ -9,7 +9,7 @@ import recons
 from models import build_model
 from simudy.errors import UserError
 from simudy.runs import AUTO
-from tests.helpers import log_without_seconds, one_line_error, run, run_script
+from tests.helpers import log_rows, log_without_seconds, one_line_error, run, run_script
 
 SHORT = ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 1, "--rec_steps_per_epoch", 3, "--save_every", 0]
 
@@ -78,3 +78,12 @@ def test_scripts_exit_with_one_line_message(mlp_run):
     proc = run_script("recons.py", *mlp_run.flags, "--tlr", "0.05", "--bs", "9", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_grid_search_short_run_moves_the_images_with_pyramid_on(mlp_run):
+    """--preset resnet sets --pyramid; --grid_search's short run ignores it and moves the images themselves
+    (with the pyramid set up there, Adam would hold no tensor that gets a gradient and nothing would move)."""
+    recons_dir = run(recons, mlp_run.flags + ["--tlr", 0.05, "--grid_search", 1, "--pyramid", 2, "--steps", 1,
+                                              "--max_iterations", 3, "--recons_dir", "short"])
+    totals = [float(r["total"]) for r in log_rows(recons_dir)]
+    assert len(totals) == 3 and totals[2] != totals[0]
