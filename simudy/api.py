@@ -23,8 +23,8 @@ from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
 from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
-from .method import (coarse_stage, initial_dummies, pyramid_dummies, rank_dummies, simudy_iteration, simudy_optimisers, simudy_setup,
-                     total_gradient_norms)
+from .method import (coarse_stage, initial_dummies, pyramid_dummies, rank_dummies, simudy_iteration,
+                     simudy_optimisers, simudy_setup, total_gradient_norms)
 from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
 from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
                      search_candidates, short_run)

@@ -348,8 +348,9 @@ def simudy_iteration(setup, x, labels, opt, sched, iteration):
     loss, match, tv, grad_x = reconstruction_loss_and_grad(
         run.model, run.theta0, run.buffers, x, labels, run.weight_change, setup.rbs, setup.epochs, sgd,
         setup.tv_weight, setup.loss_type, setup.backprop, setup.keep_every, setup.bn_prior, bn_weight)
-    total = check_finite(loss.item(), f"epoch {epoch} step {step}", nonfinite_fix(match.item(), sgd))
-    row = {"epoch": epoch, "step": step, "total": total, "cos": match.item(), "tv": tv.item(),
+    cos = match.item()
+    total = check_finite(loss.item(), f"epoch {epoch} step {step}", nonfinite_fix(cos, sgd))
+    row = {"epoch": epoch, "step": step, "total": total, "cos": cos, "tv": tv.item(),
            "lr": sched.get_last_lr()[0]}
     if setup.bn_prior is not None:
         row["bn"] = setup.bn_prior.value if bn_weight else ""

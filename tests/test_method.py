@@ -14,9 +14,10 @@ import metrics
 import recons
 import train
 from models import build_model
-from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, coarse_stage, initial_dummies, pyramid_dummies, lr_factor, rank_dummies,
-                           reconstruction_loss, reconstruction_loss_and_grad, simudy_iteration, simudy_optimisers,
-                           simudy_setup, total_gradient_norms)
+from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, coarse_stage, initial_dummies,
+                           pyramid_dummies, lr_factor, rank_dummies, reconstruction_loss,
+                           reconstruction_loss_and_grad, simudy_iteration, simudy_optimisers, simudy_setup,
+                           total_gradient_norms)
 from simudy.runs import resolve_run
 from simudy.scoring import match_by_ssim, ssim_matrix
 from simudy.simulate import SGDConfig, sgd_config_from_training, sgd_step, split_state
