@@ -4,6 +4,7 @@
 # width 64, 20 CIFAR-10 images, lr 1e-2, bs 20) reconstructed side by side with --preset paper, --preset
 # resnet and the resnet preset as it was before its pyramid and BN warm start (session 15's first GPU
 # run used that one, plain and with --coarse 16 and the warm start), each for at most $MINUTES minutes.
+# NAMES picks some of the three; SUITE_DELAY starts the suite that many seconds after the runs.
 #
 #   OUT=/tmp/out DATA=path/to/cifar10-jpg bash benchmarks/gpu_check.sh
 #   OUT=/tmp/out DATA=... WIDTH=4 PRETRAIN_IMGS=3 MINUTES=0.3 DEVICE=cpu TESTS=0 bash benchmarks/gpu_check.sh  # dry run
@@ -20,6 +21,8 @@ PRETRAIN_IMGS=${PRETRAIN_IMGS:-500}
 MINUTES=${MINUTES:-6.5}
 DEVICE=${DEVICE:-cuda}
 TESTS=${TESTS:-1}
+SUITE_DELAY=${SUITE_DELAY:-0}  # seconds the runs have the GPU to themselves before the suite starts
+NAMES=${NAMES:-paper resnet resnet_before_pyramid}
 WORK=${WORK:-/tmp/gpu_check}
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
@@ -33,7 +36,7 @@ fi
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"; } > "$OUT/env.txt" 2>&1
 
 if [ "$TESTS" = 1 ]; then  # the suite on CUDA, beside the runs (their seconds say when it ended)
-  (start=$(date +%s); SIMUDY_TEST_DEVICE=$DEVICE PYTHON=$PY timeout 480 $PY -m pytest tests -q -p no:cacheprovider \
+  (sleep "$SUITE_DELAY"; start=$(date +%s); SIMUDY_TEST_DEVICE=$DEVICE PYTHON=$PY timeout 480 $PY -m pytest tests -q -p no:cacheprovider \
      -o addopts="" > "$OUT/tests.log" 2>&1; echo "exit $? after $(( $(date +%s) - start )) s" >> "$OUT/tests.log") &
 fi
 
@@ -45,7 +48,6 @@ echo "train.py: $(( $(date +%s) - start )) s; $(tail -n 1 "$WORK/train.log")" >>
 
 declare -A PRESET=([paper]=paper [resnet]=resnet [resnet_before_pyramid]=resnet)
 declare -A EXTRA=([paper]="" [resnet]="" [resnet_before_pyramid]="--pyramid 0 --bn_prior 0")
-NAMES="paper resnet resnet_before_pyramid"
 pids=()
 for name in $NAMES; do
   $PY recons.py $B --tlr 1e-2 --preset ${PRESET[$name]} ${EXTRA[$name]} --train_dir "$WORK/train" \
