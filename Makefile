@@ -1,5 +1,6 @@
 # make demo: a fresh machine to a reconstruction grid in ~6 min on 2 CPU cores (measured 5 min 33 s).
-# make demo-resnet: the same for a ResNet-18 (width 16) on 20 real Fashion-MNIST images, --preset resnet.
+# make demo-resnet: the same for a ResNet-18 (width 16) on 20 real Fashion-MNIST images, --preset resnet with 8
+#   simulated epochs (2.1x the iterations of 20 in the same time; benchmarks/README.md, "ResNets, session 18").
 # make test: the test suite (what CI runs).
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,8 +11,8 @@ DEMO_PRESET ?= --preset fast
 
 DEMO_RESNET_DIR ?= demo-resnet
 DEMO_RESNET_FLAGS ?= --dataset fashion_mnist --model_name resnet18 --width 16 --num_imgs_per_class 2 --bs 20
-DEMO_RESNET_PRESET ?= --preset resnet
-DEMO_RESNET_LENGTH ?= --rec_steps_per_epoch 125
+DEMO_RESNET_PRESET ?= --preset resnet --steps 8
+DEMO_RESNET_LENGTH ?= --rec_steps_per_epoch 325
 
 .PHONY: venv test demo demo-resnet audit fashion-mnist clean-demo
 

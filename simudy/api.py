@@ -25,7 +25,8 @@ from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_run
 from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
 from .method import (coarse_stage, initial_dummies, pyramid_dummies, rank_dummies, simudy_iteration,
                      simudy_optimisers, simudy_setup, total_gradient_norms)
-from .runs import AUTO, CONFIG, RANKING, prepare_run_dir, read_json, resolve_rec_lr, run_config, write_csv, write_json
+from .runs import (AUTO, CONFIG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
+                   write_csv, write_json)
 from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
                      search_candidates, short_run)
 from .target import training_config, training_run_from_states
@@ -96,6 +97,18 @@ def num_dummies(requested, num_train, method):
     return num_train if method == "simudy" else BASELINE_CANDIDATE_RATIO * num_train
 
 
+def snapshot_start(path, x, labels):
+    """(x, labels) of the snapshot file `path` (--init_snapshot), on x's device; the shapes must be x's and
+    labels'."""
+    if not os.path.isfile(path):
+        raise UserError(f"--init_snapshot {path}: no such file; pass a snapshot <epoch>_<step>.pth of a run folder")
+    saved = load_checkpoint(path, "--init_snapshot")
+    if tuple(saved["x"].shape) != tuple(x.shape) or tuple(saved["labels"].shape) != tuple(labels.shape):
+        raise UserError(f"--init_snapshot {path} holds {tuple(saved['x'].shape)} dummies, this run needs"
+                        f" {tuple(x.shape)}; pass a snapshot of a run on the same training and --num_dummy")
+    return saved["x"].to(x.device).requires_grad_(True), saved["labels"].to(labels.device)
+
+
 def check_reparam_flags(args, image_shape=None):
     """--coarse's and --pyramid's values that cannot work (recons.py checks them before reading a file, the API
     here too)."""
@@ -151,6 +164,8 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         print(f"\nauto search chose --rlr {rlr:g} --rbs {rbs} ({why}); run folder {run_dir}")
 
     x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
+    if args.init_snapshot and not args.resume:  # a resumed run restores its own images and labels
+        x, labels = snapshot_start(args.init_snapshot, x, labels)
     restarts = None
     if args.restarts > 1 and not args.resume:  # a resumed run restores its images and labels
         prepare_run_dir(run_dir, args.overwrite)  # refuse an existing folder before the slow restarts

@@ -270,6 +270,9 @@ def add_reconstruction_args(p):
                    help="K > 1: K starts (seeds seed..seed+K-1) run --restart_iterations each; the run goes on"
                         " from the one with the lowest loss (costs K x those iterations first)")
     g.add_argument("--restart_iterations", default=50, type=int, help="iterations of each restart")
+    g.add_argument("--init_snapshot", default=None, metavar="FILE",
+                   help="start the dummies and their labels from a snapshot <epoch>_<step>.pth of an earlier run"
+                        " on the same training (a second cycle of a recipe: fresh Adam, schedule and warm start)")
     g.add_argument("--coarse", default=0, type=int, metavar="R",
                    help="coarse to fine: for the first --coarse_iters iterations Adam moves R x R images and the"
                         " dummies are them upsampled (bilinear), then the full-size dummies (0: off)")

@@ -87,3 +87,28 @@ def test_grid_search_short_run_moves_the_images_with_pyramid_on(mlp_run):
                                               "--max_iterations", 3, "--recons_dir", "short"])
     totals = [float(r["total"]) for r in log_rows(recons_dir)]
     assert len(totals) == 3 and totals[2] != totals[0]
+
+
+def test_init_snapshot_starts_where_the_snapshot_left(mlp_run):
+    """--init_snapshot FILE: two paths to the same loss. A run started from an earlier run's snapshot 0_1
+    scores, at its first iteration, what that earlier run scored at its iteration 2 (the loss of the images
+    after iteration 1's step); with --rec_lr 0 its images stay the snapshot's, and its labels are the
+    snapshot's even under another seed. Files that cannot be a start are one-line errors."""
+    common = mlp_run.flags + ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 1, "--save_every", 1]
+    source = run(recons, common + ["--rec_steps_per_epoch", 3, "--recons_dir", "source"])
+    start = os.path.join(source, "0_1.pth")
+    cont = run(recons, common + ["--rec_steps_per_epoch", 2, "--seed", 1, "--rec_lr", 0, "--init_snapshot", start,
+                                 "--recons_dir", "cont"])
+    assert float(log_rows(cont)[0]["cos"]) == pytest.approx(float(log_rows(source)[2]["cos"]), rel=1e-5)
+    snap, ended = torch.load(start), torch.load(os.path.join(cont, "0_1.pth"))
+    assert torch.equal(ended["x"], snap["x"]) and torch.equal(ended["labels"], snap["labels"])
+    seed1 = run(recons, common + ["--rec_steps_per_epoch", 1, "--seed", 1, "--recons_dir", "seed1"])
+    assert not torch.equal(torch.load(os.path.join(seed1, "0_0.pth"))["labels"], snap["labels"])
+    for flags, needles in ((["--init_snapshot", "missing.pth", "--recons_dir", "a"], ("no such file",)),
+                           (["--init_snapshot", start], ("--recons_dir",)),
+                           (["--init_snapshot", start, "--restarts", 2, "--recons_dir", "b"], ("--restarts",)),
+                           (["--init_snapshot", start, "--num_dummy", 12, "--recons_dir", "c"], ("(12, 1, 28, 28)",
+                                                                                               "--num_dummy"))):
+        with pytest.raises(UserError) as excinfo:
+            run(recons, common + ["--rec_steps_per_epoch", 1] + flags)
+        one_line_error(excinfo, "--init_snapshot", *needles)
