@@ -28,7 +28,7 @@ import argparse
 import os
 
 from models import build_model
-from simudy.api import check_reparam_flags, reconstruct_from_args
+from simudy.api import check_init_snapshot, check_reparam_flags, reconstruct_from_args
 from simudy.data import NORMALISATION
 from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_reconstruction_args, add_recons_id_args,
@@ -80,14 +80,9 @@ def check_args(args):
         raise UserError("pass both --theta0 FILE and --theta_final FILE (or neither, for train.py's run folder)")
     if args.theta0 and args.image_shape is None:
         raise UserError("--theta0/--theta_final need the data's --image_shape C H W (and --num_classes)")
-    if args.init_snapshot:
-        if args.method != "simudy" or args.restarts > 1 or args.grid_search:
-            raise UserError("--init_snapshot starts SimuDy's main run from a snapshot; drop --restarts, --grid_search"
-                            " and --method for it")
-        if not os.path.isfile(args.init_snapshot):
-            raise UserError(f"--init_snapshot {args.init_snapshot}: no such file; pass a snapshot <epoch>_<step>.pth")
-        if not args.recons_dir:
-            raise UserError("--init_snapshot's run would share the folder name of a run from noise; pass --recons_dir")
+    check_init_snapshot(args)
+    if args.init_snapshot and not args.recons_dir:
+        raise UserError("--init_snapshot's run would share the folder name of a run from noise; pass --recons_dir")
     if args.theta0 and not args.recons_dir:
         raise UserError("--theta0/--theta_final name no run folder; pass --recons_dir")
 

@@ -100,13 +100,23 @@ def num_dummies(requested, num_train, method):
 def snapshot_start(path, x, labels):
     """(x, labels) of the snapshot file `path` (--init_snapshot), on x's device; the shapes must be x's and
     labels'."""
-    if not os.path.isfile(path):
-        raise UserError(f"--init_snapshot {path}: no such file; pass a snapshot <epoch>_<step>.pth of a run folder")
     saved = load_checkpoint(path, "--init_snapshot")
     if tuple(saved["x"].shape) != tuple(x.shape) or tuple(saved["labels"].shape) != tuple(labels.shape):
         raise UserError(f"--init_snapshot {path} holds {tuple(saved['x'].shape)} dummies, this run needs"
                         f" {tuple(x.shape)}; pass a snapshot of a run on the same training and --num_dummy")
     return saved["x"].to(x.device).requires_grad_(True), saved["labels"].to(labels.device)
+
+
+def check_init_snapshot(args):
+    """--init_snapshot's conflicts and a missing file (recons.py checks them before reading a file, the API here
+    too): a snapshot starts SimuDy's main run only."""
+    if not args.init_snapshot:
+        return
+    if args.method != "simudy" or args.restarts > 1 or args.grid_search:
+        raise UserError("--init_snapshot starts SimuDy's main run from a snapshot; drop --restarts, --grid_search"
+                        " and --method for it")
+    if not os.path.isfile(args.init_snapshot):
+        raise UserError(f"--init_snapshot {args.init_snapshot}: no such file; pass a snapshot <epoch>_<step>.pth")
 
 
 def check_reparam_flags(args, image_shape=None):
@@ -144,6 +154,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         print(note)
     num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
     check_reparam_flags(args, data["image_shape"])
+    check_init_snapshot(args)
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
         return Reconstruction(x.cpu(), labels.cpu(), None, float("nan"), run_dir)
