@@ -22,9 +22,9 @@ from .baselines import BASELINE_CANDIDATE_RATIO, reconstruct_baseline
 from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
-from .loop import LOG_FIELDS, RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
-from .method import (coarse_stage, initial_dummies, pyramid_dummies, rank_dummies, simudy_iteration,
-                     simudy_optimisers, simudy_setup, total_gradient_norms)
+from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
+from .method import (COLOUR_MIX, coarse_stage, initial_dummies, pyramid_dummies, rank_dummies, simudy_iteration,
+                     simudy_log_fields, simudy_optimisers, simudy_setup, total_gradient_norms)
 from .runs import (AUTO, CONFIG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
                    write_csv, write_json)
 from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
@@ -131,6 +131,16 @@ def check_reparam_flags(args, image_shape=None):
         if image_shape is not None and 2 ** (args.pyramid - 1) >= min(image_shape[1:]):
             raise UserError(f"--pyramid {args.pyramid}: its coarsest level would have under 2 pixels on the images'"
                             f" {min(image_shape[1:])} px; pass fewer levels")
+    if args.decorrelate_colours:
+        if args.coarse:
+            raise UserError("--coarse moves R x R images in RGB; pass --pyramid 2 or more (or neither) with"
+                            " --decorrelate_colours")
+        if image_shape is not None and image_shape[0] != 3:
+            raise UserError(f"--decorrelate_colours needs 3-channel images, these have {image_shape[0]}; drop it")
+    if args.chroma_tv and (args.chroma_tv < 0 or args.method != "simudy"):
+        raise UserError(f"--chroma_tv {args.chroma_tv}: pass a weight >= 0, for SimuDy only (or --chroma_tv 0)")
+    if args.chroma_tv and image_shape is not None and image_shape[0] != 3:
+        raise UserError(f"--chroma_tv needs 3-channel images, these have {image_shape[0]}; drop it")
     if not args.coarse:
         return
     if args.coarse < 1 or args.coarse_iters < 0 or args.method != "simudy":
@@ -188,10 +198,11 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     total = args.rec_epochs * args.rec_steps_per_epoch
     if args.coarse:  # the main run only: short runs (restarts, searches) move full-size dummies
         setup = dataclasses.replace(setup, reparam=coarse_stage(x, args.coarse, args.coarse_iters))
-    elif args.pyramid and not args.grid_search:  # --grid_search's short run moves the images themselves
-        setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, args.pyramid))
+    elif (args.pyramid or args.decorrelate_colours) and not args.grid_search:  # its short run moves the images
+        setup = dataclasses.replace(setup, reparam=pyramid_dummies(
+            x, max(args.pyramid, 1), COLOUR_MIX if args.decorrelate_colours else None))
     opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup, setup.reparam)
-    fields = LOG_FIELDS[:-1] + ["bn", LOG_FIELDS[-1]] if setup.bn_prior else LOG_FIELDS  # bn before seconds
+    fields = simudy_log_fields(setup)
     tensors = {"x": x, **({} if setup.reparam is None else setup.reparam.named_tensors())}
     state = RunState(tensors, {"optimizer": opt, "scheduler": sched}, labels, list(fields))
     start = open_run(run_dir, state, args.resume, args.overwrite, device)

@@ -281,6 +281,13 @@ def add_reconstruction_args(p):
                    help="L >= 2: the dummies are a sum of L images at full, half, quarter ... size, upsampled, and"
                         " Adam moves every level throughout (a Laplacian pyramid; 0: off); SimuDy's main run only (the"
                         " baselines and the short runs of --grid_search, --rlr auto and --restarts move the images)")
+    g.add_argument("--decorrelate_colours", action="store_true",
+                   help="Adam moves the dummies' decorrelated colour coordinates (luminance and two chroma"
+                        " directions, feature visualisation's) instead of RGB, so chroma moves 3-13x less far per"
+                        " step; 3-channel images, with or without --pyramid, SimuDy's main run only")
+    g.add_argument("--chroma_tv", default=0.0, type=float, metavar="W",
+                   help="W x the TV of the dummies' two chroma coordinates (--decorrelate_colours' directions)"
+                        " added to the loss, a prior against colour noise (0: off); 3-channel images, SimuDy")
     return p
 
 

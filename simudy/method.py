@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from .adjoint import auto_keep_every, choose_backprop, simulate_training_recompute
 from .errors import UserError
-from .loop import DEFAULT_NONFINITE_FIX, check_finite
+from .loop import DEFAULT_NONFINITE_FIX, LOG_FIELDS, check_finite
 from .simulate import (SGDConfig, flat, graph_free_steps, parameter_bytes, scratch_buffers, sgd_config_from_training,
                        simulate_training)
 from .target import TrainingRun
@@ -195,6 +195,13 @@ class SimuDySetup:
     signed_grad: bool = False
     reparam: object = None         # what Adam moves instead of the dummies: a CoarseStage (--coarse) or
     #                                PyramidDummies (--pyramid); the main run only, never a short run
+    chroma_tv: float = 0.0         # --chroma_tv's weight
+
+
+def simudy_log_fields(setup):
+    """log.csv's columns for a SimuDy run on `setup`: LOG_FIELDS with the priors' own before seconds."""
+    priors = ["bn"] * (setup.bn_prior is not None) + ["chroma_tv"] * bool(setup.chroma_tv)
+    return LOG_FIELDS[:-1] + priors + LOG_FIELDS[-1:]
 
 
 def pixel_box(data, device):
@@ -237,37 +244,72 @@ def coarse_stage(x, resolution, iterations):
     return stage
 
 
+# --decorrelate_colours: the square root of natural images' colour covariance (Lucid's constant, from
+# ImageNet; Olah et al., "Feature Visualization", Distill 2017), one column per decorrelated direction:
+# luminance, then two chroma directions. Scaled so the luminance column is ~1 in every channel: a step on
+# it moves each channel as far as one of Adam's steps on x did, the chroma ones 3-13x less far (Adam's
+# per-element steps on x spend as much on chroma as on luminance, and B's reconstructions are chroma noise).
+_COLOUR_CORRELATION_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+COLOUR_MIX = _COLOUR_CORRELATION_SQRT / _COLOUR_CORRELATION_SQRT[:, 0].mean()
+
+
+def mix_colours(y, mix):
+    """x[:, c] = sum_k mix[c, k] y[:, k]: images from their decorrelated colour coordinates (or, with a
+    K x 3 matrix, K coordinates of RGB images)."""
+    return torch.einsum("ck,nkhw->nchw", mix.to(y), y)
+
+
+# --chroma_tv: B's reconstructions carry 4-8x the training images' TV in the two chroma coordinates at
+# about their luminance TV (benchmarks/README.md, session 20), so a TV prior on the chroma alone.
+CHROMA_FROM_RGB = torch.linalg.inv(COLOUR_MIX)[1:]
+
+
+def chroma_total_variation(x):
+    """total_variation of the two chroma coordinates (COLOUR_MIX's) of the RGB images x."""
+    return total_variation(mix_colours(x, CHROMA_FROM_RGB))
+
+
 @dataclass
 class PyramidDummies:
     """--pyramid L: the dummies are the sum of L images at H, H/2, ..., H/2^(L-1) pixels, each upsampled
     (bilinear) to full size, and Adam moves every level throughout (a Laplacian-pyramid parameterisation,
     as in feature visualisation). Adam's steps are about lr per element, so a coarse level moves a smooth
     component as far per step as the full-size level moves one pixel: low frequencies are found first,
-    without coarse-to-fine's switch. The full-size level starts at the dummies, the others at 0."""
+    without coarse-to-fine's switch. The full-size level starts at the dummies, the others at 0. With a
+    colour `mix` (--decorrelate_colours) the levels hold decorrelated colour coordinates and the dummies
+    are mix_colours(sum); one level is then just the colour change of coordinates."""
     levels: list
+    mix: torch.Tensor = None
 
     def active(self, iteration):
         return True
 
     def named_tensors(self):
-        return {f"level{k}": z for k, z in enumerate(self.levels)}
+        # named apart from RGB levels, so that --resume with the other colour setting is an error, not a
+        # silent reading of one coordinate system as the other
+        prefix = "level" if self.mix is None else "colour_level"
+        return {f"{prefix}{k}": z for k, z in enumerate(self.levels)}
 
     def composed(self, size):
-        return sum(z if tuple(z.shape[-2:]) == tuple(size) else
-                   F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in self.levels)
+        y = sum(z if tuple(z.shape[-2:]) == tuple(size) else
+                F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in self.levels)
+        return y if self.mix is None else mix_colours(y, self.mix)
 
     def clamp_into(self, box, size):
         """Into the box by moving the full-size level by what the clamp takes off the sum."""
         x = self.composed(size)
-        self.levels[0].add_(torch.maximum(torch.minimum(x, box[1]), box[0]) - x)
+        change = torch.maximum(torch.minimum(x, box[1]), box[0]) - x
+        self.levels[0].add_(change if self.mix is None else mix_colours(change, torch.linalg.inv(self.mix)))
 
 
-def pyramid_dummies(x, levels):
-    """The PyramidDummies of the dummies x with `levels` levels; x is unchanged (the coarse levels are 0)."""
+def pyramid_dummies(x, levels, mix=None):
+    """The PyramidDummies of the dummies x with `levels` levels (and colour `mix`, or none); x is unchanged
+    (the coarse levels are 0, the full-size one x in the mix's coordinates)."""
     h, w = x.shape[-2:]
-    return PyramidDummies([x.detach().clone().requires_grad_(True)] +
+    full = x.detach().clone() if mix is None else mix_colours(x.detach(), torch.linalg.inv(mix))
+    return PyramidDummies([full.requires_grad_(True)] +
                           [torch.zeros(*x.shape[:-2], math.ceil(h / 2 ** k), math.ceil(w / 2 ** k), device=x.device,
-                                       requires_grad=True) for k in range(1, levels)])
+                                       requires_grad=True) for k in range(1, levels)], mix)
 
 
 def simudy_setup(run, rlr, rbs, args, x, labels):
@@ -286,7 +328,8 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
                                                                             args.clip_to),
                        args.clip_epochs, args.rec_steps_per_epoch, args.tv_weight, args.loss_type, backprop,
                        args.keep_every, bn_prior, args.bn_prior, math.ceil(args.bn_prior_until * total),
-                       pixel_box(run.config["data"], x.device) if args.box else None, args.signed_grad), graph_bytes
+                       pixel_box(run.config["data"], x.device) if args.box else None, args.signed_grad,
+                       chroma_tv=args.chroma_tv), graph_bytes
 
 
 def adam_with_schedule(tensors, lr, t_max=None, lr_lambda=None):
@@ -348,12 +391,20 @@ def simudy_iteration(setup, x, labels, opt, sched, iteration):
     loss, match, tv, grad_x = reconstruction_loss_and_grad(
         run.model, run.theta0, run.buffers, x, labels, run.weight_change, setup.rbs, setup.epochs, sgd,
         setup.tv_weight, setup.loss_type, setup.backprop, setup.keep_every, setup.bn_prior, bn_weight)
+    if setup.chroma_tv:  # a prior on the dummies alone, outside the simulation: its own small graph
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(True)
+            chroma_tv = chroma_total_variation(x_leaf)
+            (chroma_grad,) = torch.autograd.grad(chroma_tv, [x_leaf])
+        loss, grad_x = loss + setup.chroma_tv * chroma_tv.detach(), grad_x + setup.chroma_tv * chroma_grad
     cos = match.item()
     total = check_finite(loss.item(), f"epoch {epoch} step {step}", nonfinite_fix(cos, sgd))
     row = {"epoch": epoch, "step": step, "total": total, "cos": cos, "tv": tv.item(),
            "lr": sched.get_last_lr()[0]}
     if setup.bn_prior is not None:
         row["bn"] = setup.bn_prior.value if bn_weight else ""
+    if setup.chroma_tv:
+        row["chroma_tv"] = chroma_tv.item()
     reparam = setup.reparam if setup.reparam is not None and setup.reparam.active(iteration) else None
     moved = [x] if reparam is None else list(reparam.named_tensors().values())
     grads = [grad_x]

@@ -12,7 +12,8 @@ import torch
 
 from .errors import UserError
 from .loop import run_iterations
-from .method import cosine_distance, initial_dummies, simudy_iteration, simudy_optimisers, simudy_setup
+from .method import (cosine_distance, initial_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers,
+                     simudy_setup)
 from .runs import AUTO, read_json, write_csv, write_json
 from .scoring import paper_avg_ssim
 from .simulate import flat, sgd_config_from_training, simulate_training
@@ -28,7 +29,7 @@ def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
     opt, sched = simudy_optimisers(x, rec_lr)
     one_epoch = dataclasses.replace(setup, steps_per_epoch=iterations)
     row, _ = run_iterations(functools.partial(simudy_iteration, one_epoch, x, labels, opt, sched), range(iterations),
-                            log_path, stop_on_nonfinite=True)
+                            log_path, stop_on_nonfinite=True, log_fields=simudy_log_fields(setup))
     return float("nan") if row is None else row["total"]
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import recons
+import train
 import simudy.method
 from simudy.errors import UserError
 from simudy.loop import LOG_FIELDS, NonFiniteLoss, run_iterations
@@ -20,7 +21,6 @@ from tests.helpers import log_rows, log_without_seconds, one_line_error, run
 
 
 def test_resume_ends_identical(fashion_root, in_tmp_cwd):
-    import train
     flags = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "mlp", "--width", 32,
              "--num_imgs_per_class", 1, "--bs", 4]
     run(train, flags + ["--lr", 0.05, "--epochs", 3])
@@ -104,6 +104,24 @@ def test_pyramid_run_resumes_identical(mlp_run):
     torch.testing.assert_close(a["x"], b["x"], rtol=RESUME_RTOL, atol=RESUME_ATOL)
     assert sorted(k for k in torch.load(os.path.join(full, "resume.pth")) if k.startswith("level")) == \
         ["level0", "level1", "level2"]
+
+
+def test_decorrelated_colours_run_resumes_identical_and_only_with_the_flag(cifar_cwd):
+    """--decorrelate_colours on 3-channel images: a run cut and resumed ends as the uncut run; resuming it
+    without the flag (levels in RGB) is a one-line error, not a silent reading of colour coordinates as RGB."""
+    flags = ["--model_name", "mlp", "--width", 8, "--num_imgs_per_class", 1, "--bs", 5]
+    run(train, flags + ["--lr", 0.05, "--epochs", 1])
+    common = flags + ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 1, "--rec_steps_per_epoch", 4, "--save_every", 2,
+                      "--schedule", "cosine", "--pyramid", 2, "--box"]
+    full = run(recons, common + ["--decorrelate_colours", "--recons_dir", "full"])
+    run(recons, common + ["--decorrelate_colours", "--recons_dir", "split", "--max_iterations", 2])
+    with pytest.raises(UserError) as e:
+        run(recons, common + ["--recons_dir", "split", "--resume"])
+    one_line_error(e, "does not fit these flags")
+    split = run(recons, common + ["--decorrelate_colours", "--recons_dir", "split", "--resume"])
+    a, b = torch.load(os.path.join(full, "0_3.pth")), torch.load(os.path.join(split, "0_3.pth"))
+    torch.testing.assert_close(a["x"], b["x"], rtol=RESUME_RTOL, atol=RESUME_ATOL)
+    assert not torch.allclose(a["x"], torch.load(os.path.join(full, "0_0.pth"))["x"])
 
 
 def test_diverged_simulation_names_the_clip(mlp_run):

@@ -1,6 +1,6 @@
 """simudy/method.py: the loss at the true images, the unknown-N ranking (--num_dummy: dummies ranked by
 their total gradient norm over the simulation, metrics --top), the BN-statistics prior, the lr schedules,
-the box constraint, signed gradients, the coarse stage and the pyramid."""
+the box constraint, signed gradients, the coarse stage, the pyramid, decorrelated colours and the chroma TV."""
 import argparse
 import csv
 import dataclasses
@@ -14,8 +14,8 @@ import metrics
 import recons
 import train
 from models import build_model
-from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, coarse_stage, initial_dummies,
-                           pyramid_dummies, lr_factor, rank_dummies, reconstruction_loss,
+from simudy.method import (ADAM_BETAS, COLOUR_MIX, RANKING_BUDGET_BYTES, BatchNormPrior, chroma_total_variation,
+                           coarse_stage, initial_dummies, pyramid_dummies, lr_factor, rank_dummies, reconstruction_loss,
                            reconstruction_loss_and_grad, simudy_iteration, simudy_optimisers, simudy_setup,
                            total_gradient_norms)
 from simudy.runs import resolve_run
@@ -196,18 +196,18 @@ def test_step_and_warmup_schedules():
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001, 0.0001])
 
 
-def _tiny_mlp_run(side, **flags):
+def _tiny_mlp_run(side, channels=1, **flags):
     """A width-8 MLP on 10 side×side images (mean 0.5, std 0.25: the box is [-2, 2]) with a made-up theta_final,
     and the flags simudy_setup reads (box on; `flags` override)."""
     torch.manual_seed(0)
-    model = build_model("mlp", 10, (1, side, side), 8)
+    model = build_model("mlp", 10, (channels, side, side), 8)
     theta0 = {k: v.clone() for k, v in model.state_dict().items()}
     theta_final = {k: v - 0.01 * torch.randn_like(v) for k, v in theta0.items()}
     config = {"args": {"lr": 0.1, "bs": 5, "epochs": 1}, "data": {"num_images": 10, "num_classes": 10,
-              "image_shape": [1, side, side], "mean": [0.5], "std": [0.25]}}
+              "image_shape": [channels, side, side], "mean": [0.5] * channels, "std": [0.25] * channels}}
     args = dict(backprop="unrolled", steps=1, clip_norm=20.0, clip_to=5.0, clip_epochs=0, rec_epochs=1,
                 rec_steps_per_epoch=5, tv_weight=1e-3, loss_type="cos", keep_every=0, bn_prior=0.0,
-                bn_prior_until=1.0, box=True, signed_grad=False)
+                bn_prior_until=1.0, box=True, signed_grad=False, chroma_tv=0.0)
     return training_run_from_states(model, theta0, theta_final, config, "cpu"), argparse.Namespace(**{**args, **flags})
 
 
@@ -299,3 +299,90 @@ def test_pyramid_moves_every_level_as_adam_on_them_would():
     simudy_iteration(setup, x, labels, opt, sched, 0)
     assert x.min() >= -2.0 and x.max() <= 2.0 and (x == 2.0).any() and (x == -2.0).any()
     torch.testing.assert_close(setup.reparam.composed((8, 8)).detach(), x.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_decorrelated_colours_move_as_adam_on_the_colour_coordinates_would(levels):
+    """--decorrelate_colours: two paths to the same steps. recons.py's iteration (the image gradient, then the
+    chain rule through the colour mix and the pyramid) against Adam on the coordinates with autograd through
+    loss(mix(sum)); the run starts at the dummies, and --box keeps the mixed images inside it."""
+    run, args = _tiny_mlp_run(4, channels=3, box=False)
+    x, labels, _ = initial_dummies(10, (3, 4, 4), 10, 0, "cpu")
+    x_start = x.detach().clone()
+    setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
+    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, levels, COLOUR_MIX))
+    torch.testing.assert_close(setup.reparam.composed((4, 4)).detach(), x_start, rtol=1e-5, atol=1e-6)
+    ref = [z.detach().clone().requires_grad_(True) for z in setup.reparam.levels]
+    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, reparam=setup.reparam)
+    opt_ref = torch.optim.Adam(ref, lr=0.05, betas=ADAM_BETAS)
+
+    def mixed(levels_ref):  # x[:, c] = sum_k mix[c, k] (sum of upsampled levels)[:, k], by hand
+        y = sum(F.interpolate(z, size=(4, 4), mode="bilinear", align_corners=False) for z in levels_ref)
+        return torch.stack([sum(COLOUR_MIX[c, k] * y[:, k] for k in range(3)) for c in range(3)], dim=1)
+    for i in range(3):
+        for g in opt_ref.param_groups:
+            g["lr"] = sched.get_last_lr()[0]
+        total, _, _ = reconstruction_loss(run.model, run.theta0, run.buffers, mixed(ref), labels, run.weight_change,
+                                          5, 1, setup.sgd, 1e-3, "cos")
+        for z, g in zip(ref, torch.autograd.grad(total, ref)):
+            z.grad = g
+        opt_ref.step()
+        simudy_iteration(setup, x, labels, opt, sched, i)
+        for z, z_ref in zip(setup.reparam.levels, ref):
+            torch.testing.assert_close(z.detach(), z_ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.detach(), mixed(ref).detach(), rtol=1e-5, atol=1e-5)
+    # chroma moves less far than luminance: Adam's first steps are ~lr per coordinate, and mix's chroma columns
+    # are 3-13x smaller than its luminance column
+    step = x.detach() - x_start
+    luminance = step.mean(dim=1, keepdim=True)
+    assert (step - luminance).abs().mean() < 0.5 * luminance.abs().mean()
+
+    run, args = _tiny_mlp_run(4, channels=3)  # --box: the full-size level takes up what the clamp removes
+    x, labels, _ = initial_dummies(10, (3, 4, 4), 10, 0, "cpu")
+    with torch.no_grad():
+        x.mul_(20)
+    setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
+    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, levels, COLOUR_MIX))
+    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, reparam=setup.reparam)
+    simudy_iteration(setup, x, labels, opt, sched, 0)
+    assert x.min() >= -2.0 and x.max() <= 2.0 and (x == 2.0).any() and (x == -2.0).any()
+    torch.testing.assert_close(setup.reparam.composed((4, 4)).detach(), x.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_chroma_total_variation_against_solving_for_the_colour_coordinates():
+    """--chroma_tv's value two ways: the inverse mix's chroma rows, and the colour coordinates solved pixel by
+    pixel from mix y = x, their neighbour differences written out. Images whose chroma is flat have none."""
+    x = torch.randn(3, 3, 5, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.linalg.solve(COLOUR_MIX, x.permute(1, 0, 2, 3).reshape(3, -1)).reshape(3, 3, 5, 6).permute(1, 0, 2, 3)
+    chroma = y[:, 1:]
+    by_hand = ((chroma[..., :, 1:] - chroma[..., :, :-1]).abs().sum() / (3 * 2 * 5 * 5)
+               + (chroma[..., 1:, :] - chroma[..., :-1, :]).abs().sum() / (3 * 2 * 4 * 6))
+    torch.testing.assert_close(chroma_total_variation(x), by_hand, rtol=1e-5, atol=1e-6)
+    luminance_only = torch.stack([y[:, 0], torch.full_like(y[:, 1], 0.3), torch.full_like(y[:, 2], -0.2)], dim=1)
+    flat_chroma = torch.einsum("ck,nkhw->nchw", COLOUR_MIX, luminance_only)
+    assert chroma_total_variation(flat_chroma) < 1e-5 < chroma_total_variation(x)
+
+
+def test_chroma_tv_moves_the_dummies_as_adam_on_the_loss_plus_the_prior_would():
+    """--chroma_tv W: two paths to the same steps. recons.py's iteration (the simulation's image gradient plus
+    the prior's own) against Adam on x with autograd through loss(x) + W * chroma TV(x); the log row holds
+    the prior's value and the total includes it."""
+    run, args = _tiny_mlp_run(4, channels=3, box=False, chroma_tv=0.5)
+    x, labels, _ = initial_dummies(10, (3, 4, 4), 10, 0, "cpu")
+    x_ref = x.detach().clone().requires_grad_(True)
+    setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
+    opt, sched = simudy_optimisers(x, 0.05, "cosine", 5)
+    opt_ref = torch.optim.Adam([x_ref], lr=0.05, betas=ADAM_BETAS)
+    for i in range(3):
+        for g in opt_ref.param_groups:
+            g["lr"] = sched.get_last_lr()[0]
+        loss, _, _ = reconstruction_loss(run.model, run.theta0, run.buffers, x_ref, labels, run.weight_change, 5, 1,
+                                         setup.sgd, 1e-3, "cos")
+        prior = chroma_total_variation(x_ref)
+        (x_ref.grad,) = torch.autograd.grad(loss + 0.5 * prior, [x_ref])
+        opt_ref.step()
+        row = simudy_iteration(setup, x, labels, opt, sched, i)
+        assert row["chroma_tv"] == pytest.approx(prior.item(), rel=1e-5)
+        assert row["total"] == pytest.approx((loss + 0.5 * prior).item(), rel=1e-5)
+        torch.testing.assert_close(x.detach(), x_ref.detach(), rtol=1e-5, atol=1e-6)
+    assert prior.item() < chroma_total_variation(initial_dummies(10, (3, 4, 4), 10, 0, "cpu")[0]).item()

@@ -54,7 +54,10 @@ def test_bad_training_runs_give_one_line_errors(mlp_run):
                                           (["--coarse", 8, "--method", "two_step"], "SimuDy only"),
                                           (["--coarse", 8, "--grid_search", 1], "drop --coarse"),
                                           (["--pyramid", 1], "2 or more levels"),
-                                          (["--preset", "resnet", "--coarse", 8], "pass --pyramid 0 with --coarse")])
+                                          (["--preset", "resnet", "--coarse", 8], "pass --pyramid 0 with --coarse"),
+                                          (["--decorrelate_colours", "--coarse", 8], "with --decorrelate_colours"),
+                                          (["--chroma_tv", -1], "pass a weight >= 0"),
+                                          (["--chroma_tv", 0.1, "--method", "one_step"], "for SimuDy only")])
 def test_auto_conflicts_are_one_line_errors(extra, needle):
     with pytest.raises(UserError, match=needle) as e:  # before any file is read
         run(recons, ["--model_name", "mlp"] + extra)
@@ -71,6 +74,18 @@ def test_pyramid_with_too_many_levels_is_a_one_line_error(mlp_run):
     with pytest.raises(UserError, match="under 2 pixels on the images' 28 px") as e:
         run(recons, mlp_run.flags + ["--tlr", 0.05, "--pyramid", 6])
     one_line_error(e, "fewer levels")
+
+
+def test_decorrelated_colours_on_grey_images_is_a_one_line_error(mlp_run):
+    with pytest.raises(UserError, match="needs 3-channel images, these have 1") as e:
+        run(recons, mlp_run.flags + ["--tlr", 0.05, "--decorrelate_colours"])
+    one_line_error(e, "drop it")
+
+
+def test_chroma_tv_on_grey_images_is_a_one_line_error(mlp_run):
+    with pytest.raises(UserError, match="--chroma_tv needs 3-channel images, these have 1") as e:
+        run(recons, mlp_run.flags + ["--tlr", 0.05, "--chroma_tv", 0.1])
+    one_line_error(e, "drop it")
 
 
 def test_scripts_exit_with_one_line_message(mlp_run):

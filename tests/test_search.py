@@ -170,6 +170,18 @@ def test_auto_lr_and_ranking_with_the_resnet_options(cifar_cwd):
     assert snap["x"].min() >= low - 1e-6 and snap["x"].max() <= high + 1e-6
 
 
+def test_grid_search_short_run_logs_the_priors(cifar_cwd):
+    """--grid_search 1 with --preset resnet (its BN prior) and --chroma_tv: the short run's log.csv has both
+    priors' columns, with their values, as the main run's has (it used to stop on the unexpected column)."""
+    run(train, ["--num_imgs_per_class", 1, "--bs", 10, "--lr", 1e-2] + TINY_RESNET)
+    recons_dir = run(recons, ["--num_imgs_per_class", 1, "--bs", 10, "--tlr", 1e-2, "--width", 4, "--steps", 1,
+                              "--preset", "resnet", "--chroma_tv", 0.1, "--grid_search", 1, "--max_iterations", 2])
+    with open(os.path.join(recons_dir, "log.csv")) as f:
+        log = list(csv.DictReader(f))
+    assert len(log) == 2 and all(float(r["bn"]) > 0 and float(r["chroma_tv"]) > 0 for r in log)
+    assert float(log[0]["total"]) > float(log[0]["cos"]) + 0.1 * float(log[0]["chroma_tv"])
+
+
 def test_restarts_continue_from_the_lowest_loss_start(mlp_run):
     """--restarts 3: three seeded starts, each moved by a short run; the run goes on from the lowest one,
     which is the seed whose own short run reaches that loss; --restarts 1 is the plain run."""
