@@ -23,8 +23,9 @@ from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
 from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
-from .method import (COLOUR_MIX, coarse_stage, initial_dummies, pyramid_dummies, rank_dummies, simudy_iteration,
-                     simudy_log_fields, simudy_optimisers, simudy_setup, total_gradient_norms)
+from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers, simudy_setup,
+                     total_gradient_norms)
+from .reparam import coarse_stage, pyramid_dummies
 from .runs import (AUTO, CONFIG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
                    write_csv, write_json)
 from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
@@ -120,8 +121,8 @@ def check_init_snapshot(args):
 
 
 def check_reparam_flags(args, image_shape=None):
-    """--coarse's and --pyramid's values that cannot work (recons.py checks them before reading a file, the API
-    here too)."""
+    """--coarse's, --pyramid's, --decorrelate_colours' and --chroma_tv's values that cannot work (recons.py
+    checks them before reading a file, the API here too; image_shape, once known, for the image checks)."""
     if args.pyramid:
         if args.pyramid < 2:
             raise UserError(f"--pyramid {args.pyramid}: pass 2 or more levels, or --pyramid 0 for none")
@@ -200,7 +201,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         setup = dataclasses.replace(setup, reparam=coarse_stage(x, args.coarse, args.coarse_iters))
     elif (args.pyramid or args.decorrelate_colours) and not args.grid_search:  # its short run moves the images
         setup = dataclasses.replace(setup, reparam=pyramid_dummies(
-            x, max(args.pyramid, 1), COLOUR_MIX if args.decorrelate_colours else None))
+            x, max(args.pyramid, 1), args.decorrelate_colours))
     opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup, setup.reparam)
     fields = simudy_log_fields(setup)
     tensors = {"x": x, **({} if setup.reparam is None else setup.reparam.named_tensors())}

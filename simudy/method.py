@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, vmap
 from .adjoint import auto_keep_every, choose_backprop, simulate_training_recompute
 from .errors import UserError
 from .loop import DEFAULT_NONFINITE_FIX, LOG_FIELDS, check_finite
+from .reparam import CHROMA_FROM_RGB, mix_colours
 from .simulate import (SGDConfig, flat, graph_free_steps, parameter_bytes, scratch_buffers, sgd_config_from_training,
                        simulate_training)
 from .target import TrainingRun
@@ -56,6 +57,13 @@ def initial_dummies(num, image_shape, num_classes, seed, device):
 def total_variation(x):
     """Mean absolute difference of neighbouring pixels (paper code)."""
     return (x[..., :, 1:] - x[..., :, :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+
+
+# --chroma_tv: B's reconstructions carry 4-8x the training images' TV in the two chroma coordinates at
+# about their luminance TV (benchmarks/README.md, session 20), so a TV prior on the chroma alone.
+def chroma_total_variation(x):
+    """total_variation of the two chroma coordinates (COLOUR_MIX's) of the RGB images x."""
+    return total_variation(mix_colours(x, CHROMA_FROM_RGB))
 
 
 def cosine_distance(a, b):
@@ -193,8 +201,8 @@ class SimuDySetup:
     bn_until: int = 0              # iterations with the BN prior on
     box: tuple = None              # (low, high) per-channel pixel bounds, 1×C×1×1, when --box
     signed_grad: bool = False
-    reparam: object = None         # what Adam moves instead of the dummies: a CoarseStage (--coarse) or
-    #                                PyramidDummies (--pyramid); the main run only, never a short run
+    reparam: object = None         # what Adam moves instead of the dummies (reparam.py): a CoarseStage
+    #                                (--coarse) or PyramidDummies (--pyramid); the main run only, never a short run
     chroma_tv: float = 0.0         # --chroma_tv's weight
 
 
@@ -210,106 +218,6 @@ def pixel_box(data, device):
         raise UserError("--box needs the data's normalisation (mean and std); pass them or drop --box")
     mean, std = (torch.tensor(data[k], dtype=torch.float32, device=device).view(1, -1, 1, 1) for k in ("mean", "std"))
     return (0 - mean) / std, (1 - mean) / std
-
-
-@dataclass
-class CoarseStage:
-    """--coarse R: for the first `iterations` iterations Adam moves z, R×R images, and the dummies x are z
-    upsampled (bilinear) to full size; after it Adam moves x itself, which starts at the upsampled z with
-    fresh Adam moments (benchmarks/README.md: on B, 16×16 for 300 iterations led by 20-45% through the
-    switch and by 5-10% at 800 iterations; on Fashion-MNIST's D it lost its lead after the switch)."""
-    z: torch.Tensor
-    iterations: int
-
-    def active(self, iteration):
-        return iteration < self.iterations
-
-    def named_tensors(self):
-        return {"z": self.z}
-
-    def composed(self, size):
-        return F.interpolate(self.z, size=size, mode="bilinear", align_corners=False)
-
-    def clamp_into(self, box, size):
-        """Upsampling is a convex combination, so pixels of an in-box z stay in the box."""
-        self.z.copy_(torch.maximum(torch.minimum(self.z, box[1]), box[0]))
-
-
-def coarse_stage(x, resolution, iterations):
-    """The CoarseStage of the dummies x: z is x averaged down to resolution², and x becomes z upsampled."""
-    z = F.interpolate(x.detach(), size=(resolution, resolution), mode="area").requires_grad_(True)
-    stage = CoarseStage(z, iterations)
-    with torch.no_grad():
-        x.copy_(stage.composed(x.shape[-2:]))
-    return stage
-
-
-# --decorrelate_colours: the square root of natural images' colour covariance (Lucid's constant, from
-# ImageNet; Olah et al., "Feature Visualization", Distill 2017), one column per decorrelated direction:
-# luminance, then two chroma directions. Scaled so the luminance column is ~1 in every channel: a step on
-# it moves each channel as far as one of Adam's steps on x did, the chroma ones 3-13x less far (Adam's
-# per-element steps on x spend as much on chroma as on luminance, and B's reconstructions are chroma noise).
-_COLOUR_CORRELATION_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
-COLOUR_MIX = _COLOUR_CORRELATION_SQRT / _COLOUR_CORRELATION_SQRT[:, 0].mean()
-
-
-def mix_colours(y, mix):
-    """x[:, c] = sum_k mix[c, k] y[:, k]: images from their decorrelated colour coordinates (or, with a
-    K x 3 matrix, K coordinates of RGB images)."""
-    return torch.einsum("ck,nkhw->nchw", mix.to(y), y)
-
-
-# --chroma_tv: B's reconstructions carry 4-8x the training images' TV in the two chroma coordinates at
-# about their luminance TV (benchmarks/README.md, session 20), so a TV prior on the chroma alone.
-CHROMA_FROM_RGB = torch.linalg.inv(COLOUR_MIX)[1:]
-
-
-def chroma_total_variation(x):
-    """total_variation of the two chroma coordinates (COLOUR_MIX's) of the RGB images x."""
-    return total_variation(mix_colours(x, CHROMA_FROM_RGB))
-
-
-@dataclass
-class PyramidDummies:
-    """--pyramid L: the dummies are the sum of L images at H, H/2, ..., H/2^(L-1) pixels, each upsampled
-    (bilinear) to full size, and Adam moves every level throughout (a Laplacian-pyramid parameterisation,
-    as in feature visualisation). Adam's steps are about lr per element, so a coarse level moves a smooth
-    component as far per step as the full-size level moves one pixel: low frequencies are found first,
-    without coarse-to-fine's switch. The full-size level starts at the dummies, the others at 0. With a
-    colour `mix` (--decorrelate_colours) the levels hold decorrelated colour coordinates and the dummies
-    are mix_colours(sum); one level is then just the colour change of coordinates."""
-    levels: list
-    mix: torch.Tensor = None
-
-    def active(self, iteration):
-        return True
-
-    def named_tensors(self):
-        # named apart from RGB levels, so that --resume with the other colour setting is an error, not a
-        # silent reading of one coordinate system as the other
-        prefix = "level" if self.mix is None else "colour_level"
-        return {f"{prefix}{k}": z for k, z in enumerate(self.levels)}
-
-    def composed(self, size):
-        y = sum(z if tuple(z.shape[-2:]) == tuple(size) else
-                F.interpolate(z, size=size, mode="bilinear", align_corners=False) for z in self.levels)
-        return y if self.mix is None else mix_colours(y, self.mix)
-
-    def clamp_into(self, box, size):
-        """Into the box by moving the full-size level by what the clamp takes off the sum."""
-        x = self.composed(size)
-        change = torch.maximum(torch.minimum(x, box[1]), box[0]) - x
-        self.levels[0].add_(change if self.mix is None else mix_colours(change, torch.linalg.inv(self.mix)))
-
-
-def pyramid_dummies(x, levels, mix=None):
-    """The PyramidDummies of the dummies x with `levels` levels (and colour `mix`, or none); x is unchanged
-    (the coarse levels are 0, the full-size one x in the mix's coordinates)."""
-    h, w = x.shape[-2:]
-    full = x.detach().clone() if mix is None else mix_colours(x.detach(), torch.linalg.inv(mix))
-    return PyramidDummies([full.requires_grad_(True)] +
-                          [torch.zeros(*x.shape[:-2], math.ceil(h / 2 ** k), math.ceil(w / 2 ** k), device=x.device,
-                                       requires_grad=True) for k in range(1, levels)], mix)
 
 
 def simudy_setup(run, rlr, rbs, args, x, labels):

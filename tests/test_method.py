@@ -14,10 +14,10 @@ import metrics
 import recons
 import train
 from models import build_model
-from simudy.method import (ADAM_BETAS, COLOUR_MIX, RANKING_BUDGET_BYTES, BatchNormPrior, chroma_total_variation,
-                           coarse_stage, initial_dummies, pyramid_dummies, lr_factor, rank_dummies, reconstruction_loss,
-                           reconstruction_loss_and_grad, simudy_iteration, simudy_optimisers, simudy_setup,
-                           total_gradient_norms)
+from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, chroma_total_variation, initial_dummies,
+                           lr_factor, rank_dummies, reconstruction_loss, reconstruction_loss_and_grad,
+                           simudy_iteration, simudy_optimisers, simudy_setup, total_gradient_norms)
+from simudy.reparam import COLOUR_MIX, coarse_stage, pyramid_dummies
 from simudy.runs import resolve_run
 from simudy.scoring import match_by_ssim, ssim_matrix
 from simudy.simulate import SGDConfig, sgd_config_from_training, sgd_step, split_state
@@ -310,7 +310,7 @@ def test_decorrelated_colours_move_as_adam_on_the_colour_coordinates_would(level
     x, labels, _ = initial_dummies(10, (3, 4, 4), 10, 0, "cpu")
     x_start = x.detach().clone()
     setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
-    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, levels, COLOUR_MIX))
+    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, levels, decorrelated=True))
     torch.testing.assert_close(setup.reparam.composed((4, 4)).detach(), x_start, rtol=1e-5, atol=1e-6)
     ref = [z.detach().clone().requires_grad_(True) for z in setup.reparam.levels]
     opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, reparam=setup.reparam)
@@ -342,7 +342,7 @@ def test_decorrelated_colours_move_as_adam_on_the_colour_coordinates_would(level
     with torch.no_grad():
         x.mul_(20)
     setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
-    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, levels, COLOUR_MIX))
+    setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, levels, decorrelated=True))
     opt, sched = simudy_optimisers(x, 0.05, "cosine", 5, reparam=setup.reparam)
     simudy_iteration(setup, x, labels, opt, sched, 0)
     assert x.min() >= -2.0 and x.max() <= 2.0 and (x == 2.0).any() and (x == -2.0).any()
