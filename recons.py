@@ -8,7 +8,7 @@ theta0 - theta_f:
 --num_dummy M reconstructs M dummies when the dataset size is unknown and ranks them by the norm of their
 total gradient over the simulated training (the paper's appendix); --rlr auto / --rbs auto pick the
 simulation's lr and batch size by the paper's short runs before the full one. --preset picks the recipe
-for the dummies' optimisation (paper, or fast).
+for the dummies' optimisation (paper, fast, or resnet: the README lists each one's flags).
 
 Baselines, as the paper's recons_1step.py / recons_2step.py re-implemented them: 2N candidates with
 dual variables lambda, matching grad_theta sum_i lambda_i loss(x_i, y_i) at theta_f (one_step, Buzaglo

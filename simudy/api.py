@@ -21,7 +21,8 @@ import torch
 from .baselines import BASELINE_CANDIDATE_RATIO, reconstruct_baseline
 from .defences import unsimulated_defences
 from .errors import UserError
-from .flags import PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device, set_seed
+from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device,
+                    preset_flags_off, preset_values, set_seed)
 from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
 from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers, simudy_setup,
                      total_gradient_norms)
@@ -58,7 +59,7 @@ def reconstruction_args(**options):
     preset = options.get("preset", known["preset"])
     if preset not in PRESETS:
         raise TypeError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    known.update({k: v for k, v in PRESETS[preset].items() if k in known})
+    known.update({k: v for k, v in preset_values(preset, options).items() if k in known})
     known.update(options)
     return argparse.Namespace(**known)
 
@@ -122,7 +123,12 @@ def check_init_snapshot(args):
 
 def check_reparam_flags(args, image_shape=None):
     """--coarse's, --pyramid's, --decorrelate_colours' and --chroma_tv's values that cannot work (recons.py
-    checks them before reading a file, the API here too; image_shape, once known, for the image checks)."""
+    checks them before reading a file, the API here too; image_shape, once known, for the image checks, where
+    the preset's colour flags are turned off on grey images, saying so, as its SimuDy-only ones for a baseline)."""
+    off = preset_flags_off(args, None if image_shape is None else image_shape[0])
+    if off:
+        print(f"--preset {args.preset}: {', '.join('--' + k for k in off)} off here (SimuDy on 3-channel images"
+              f" only)")
     if args.pyramid:
         if args.pyramid < 2:
             raise UserError(f"--pyramid {args.pyramid}: pass 2 or more levels, or --pyramid 0 for none")

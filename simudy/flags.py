@@ -74,17 +74,44 @@ PRESETS = {
     # far from noise, and Adam moves a pixel about lr per step), pixels kept in the valid range, TV 10x
     # the fast preset's (the objective barely sees pixel noise on a ResNet), no clip; the dummies as a
     # 3-level pyramid with the BN prior for the first 30% of the run (session 15: 1.5x the SSIM on D and
-    # 2.5x on E at equal iterations).
+    # 2.5x on E at equal iterations). On colour images the pyramid moves decorrelated colour coordinates
+    # under a chroma TV prior (sessions 20-22: 1.8x the SSIM on two B instances at equal iterations; the
+    # chroma noise was the objective's, not the start's). Grey images: see COLOUR_ONLY.
     "resnet": {"schedule": "cosine", "rec_epochs": 4, "rec_steps_per_epoch": 375, "clip_epochs": 0,
                "tv_weight": 2e-2, "steps": 0, "rec_lr": 0.1, "box": True, "pyramid": 3, "bn_prior": 1e-3,
-               "bn_prior_until": 0.3, "snapshot": "last", "auto_criterion": "norm", "ranking": "class_balanced"},
+               "bn_prior_until": 0.3, "snapshot": "last", "auto_criterion": "norm", "ranking": "class_balanced",
+               "decorrelate_colours": True, "chroma_tv": 0.02},
 }
+# Flags that need 3-channel images, and those SimuDy's alone, with their off values: where they do not
+# apply, a preset's values of them are turned off (preset_flags_off), so one preset serves colour and grey
+# data and the baselines; an explicit other value still meets its flag's own error.
+COLOUR_ONLY = {"decorrelate_colours": False, "chroma_tv": 0.0}
+SIMUDY_ONLY = {"chroma_tv": 0.0}
 
 
 # A preset's default that an explicit choice of another flag overrides: the fast preset scores the last
-# snapshot, unless the user names one with the paper's --eval_epoch/--eval_step (argparse dests).
-PRESET_YIELDS_TO = {"snapshot": ("eval_epoch", "eval_step")}
+# snapshot, unless the user names one with the paper's --eval_epoch/--eval_step (argparse dests); the
+# resnet preset's decorrelated colours give way to --coarse (which moves R x R images in RGB).
+PRESET_YIELDS_TO = {"snapshot": ("eval_epoch", "eval_step"), "decorrelate_colours": ("coarse",)}
 _NOT_GIVEN = object()
+
+
+def preset_values(preset, given):
+    """The preset's flag values, less those that yield to a flag in `given` (dests the user set)."""
+    return {k: v for k, v in PRESETS[preset].items() if not set(given) & set(PRESET_YIELDS_TO.get(k, ()))}
+
+
+def preset_flags_off(args, channels=None):
+    """Turn off the flags whose values in `args` are its preset's where they do not apply: COLOUR_ONLY on
+    images with other than 3 channels (channels None: not known yet), SIMUDY_ONLY for a baseline. Returns
+    their names (the caller says so)."""
+    off_values = {**(SIMUDY_ONLY if args.method != "simudy" else {}),
+                  **(COLOUR_ONLY if channels not in (None, 3) else {})}
+    preset = preset_values(args.preset, ())
+    off = [k for k, v in off_values.items() if k in preset and getattr(args, k) == preset[k] != v]
+    for k in off:
+        setattr(args, k, off_values[k])
+    return off
 
 
 def parse_with_preset(parser, argv=None):
@@ -99,8 +126,7 @@ def parse_with_preset(parser, argv=None):
     marked = vars(parser.parse_known_args(argv)[0])
     parser.set_defaults(**defaults)
     given = {d for d in watched if marked[d] is not _NOT_GIVEN}
-    parser.set_defaults(**{k: v for k, v in PRESETS[known["preset"]].items()
-                           if k in known and not given & set(PRESET_YIELDS_TO.get(k, ()))})
+    parser.set_defaults(**{k: v for k, v in preset_values(known["preset"], given).items() if k in known})
     return parser.parse_args(argv)
 
 
@@ -125,7 +151,8 @@ def add_recons_id_args(parser):
     g.add_argument("--preset", default="paper", choices=list(PRESETS),
                    help="recipe for the dummies' optimisation: paper (the paper code's), fast (fewer"
                         " iterations, one cosine decay, the training's epochs simulated) or resnet (fast with"
-                        " Adam lr 0.1, --box and TV 2e-2, 1,500 iterations); see README; a non-paper preset adds"
+                        " Adam lr 0.1, --box and TV 2e-2, 1,500 iterations, the pyramid and BN warm start; on colour"
+                        " images decorrelated colours and a chroma TV); see README; a non-paper preset adds"
                         " _<preset> to the folder name")
     g.add_argument("--steps", default=8, type=int,
                    help="simulated epochs (paper code default 8); 0 = the training's epochs, as the paper's"
@@ -281,13 +308,15 @@ def add_reconstruction_args(p):
                    help="L >= 2: the dummies are a sum of L images at full, half, quarter ... size, upsampled, and"
                         " Adam moves every level throughout (a Laplacian pyramid; 0: off); SimuDy's main run only (the"
                         " baselines and the short runs of --grid_search, --rlr auto and --restarts move the images)")
-    g.add_argument("--decorrelate_colours", action="store_true",
+    g.add_argument("--decorrelate_colours", action=argparse.BooleanOptionalAction, default=False,
                    help="Adam moves the dummies' decorrelated colour coordinates (luminance and two chroma"
                         " directions, feature visualisation's) instead of RGB, so chroma moves 3-13x less far per"
-                        " step; 3-channel images, with or without --pyramid, SimuDy's main run only")
+                        " step; 3-channel images, with or without --pyramid, SimuDy's main run only (on in"
+                        " --preset resnet for colour images: --no-decorrelate_colours turns it off)")
     g.add_argument("--chroma_tv", default=0.0, type=float, metavar="W",
                    help="W x the TV of the dummies' two chroma coordinates (--decorrelate_colours' directions)"
-                        " added to the loss, a prior against colour noise (0: off); 3-channel images, SimuDy")
+                        " added to the loss, a prior against colour noise (0: off; --preset resnet: 0.02 on colour"
+                        " images); 3-channel images, SimuDy")
     return p
 
 

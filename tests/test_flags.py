@@ -11,7 +11,8 @@ import torch
 import draw_pics
 import metrics
 import recons
-from simudy.flags import PRESETS, add_metrics_args, number_or_auto, parse_with_preset
+from simudy.api import reconstruction_args
+from simudy.flags import PRESETS, add_metrics_args, number_or_auto, parse_with_preset, preset_flags_off
 from simudy.runs import AUTO
 from tests.helpers import log_rows, reference_avg_ssim, run
 
@@ -98,3 +99,29 @@ def test_resnet_preset_reaches_recons_and_metrics_alike():
     assert met.rec_lr == 0.1 and met.snapshot == "last" and not hasattr(met, "box")
     paper = recons.parse_args([])
     assert (paper.bn_prior, paper.box, paper.signed_grad, paper.warmup, paper.restarts) == (0.0, False, False, 0, 1)
+    assert (paper.decorrelate_colours, paper.chroma_tv) == (False, 0.0)
+
+
+def test_resnet_preset_colour_flags_apply_to_simudy_on_colour_images_only():
+    """--preset resnet's --decorrelate_colours and --chroma_tv 0.02: on in recons.py and the API; the
+    decorrelation gives way to --coarse (RGB only) and to --no-decorrelate_colours; where the images are not
+    3-channel (grey: D, the demo) or the method is a baseline, the preset's values are turned off and the
+    caller told; an explicit other value is not (its own error follows)."""
+    rec = recons.parse_args(["--preset", "resnet"])
+    assert (rec.decorrelate_colours, rec.chroma_tv) == (True, 0.02)
+    coarse = recons.parse_args(["--preset", "resnet", "--pyramid", "0", "--coarse", "16"])
+    assert (coarse.decorrelate_colours, coarse.chroma_tv) == (False, 0.02)
+    assert not recons.parse_args(["--preset", "resnet", "--no-decorrelate_colours"]).decorrelate_colours
+    assert reconstruction_args(preset="resnet").decorrelate_colours
+    assert not reconstruction_args(preset="resnet", coarse=16, pyramid=0).decorrelate_colours
+    # where they apply, nothing changes
+    assert preset_flags_off(rec, 3) == [] and preset_flags_off(rec, None) == []
+    assert (rec.decorrelate_colours, rec.chroma_tv) == (True, 0.02)
+    assert preset_flags_off(rec, 1) == ["decorrelate_colours", "chroma_tv"]
+    assert (rec.decorrelate_colours, rec.chroma_tv) == (False, 0.0)
+    baseline = recons.parse_args(["--preset", "resnet", "--method", "one_step"])
+    assert preset_flags_off(baseline, None) == ["chroma_tv"] and baseline.chroma_tv == 0.0
+    explicit = recons.parse_args(["--preset", "resnet", "--chroma_tv", "0.05"])
+    assert preset_flags_off(explicit, 1) == ["decorrelate_colours"] and explicit.chroma_tv == 0.05
+    paper = recons.parse_args(["--decorrelate_colours"])  # the paper preset has no colour flags to turn off
+    assert preset_flags_off(paper, 1) == [] and paper.decorrelate_colours

@@ -1,11 +1,13 @@
 """recons.py, the command line: the same reconstruction from a train.py run folder or from two state_dict
 files (--theta0/--theta_final), and the one-line errors for flags and run folders that cannot work."""
+import json
 import os
 
 import pytest
 import torch
 
 import recons
+import train
 from models import build_model
 from simudy.errors import UserError
 from simudy.runs import AUTO
@@ -127,3 +129,24 @@ def test_init_snapshot_starts_where_the_snapshot_left(mlp_run):
         with pytest.raises(UserError) as excinfo:
             run(recons, common + ["--rec_steps_per_epoch", 1] + flags)
         one_line_error(excinfo, "--init_snapshot", *needles)
+
+
+def test_resnet_preset_decorrelates_colour_images_and_leaves_grey_ones_in_rgb(mlp_run, cifar_cwd, capsys):
+    """--preset resnet on grey images (mlp_run's Fashion-MNIST-like data): the colour flags are off, recons.py
+    says so and config.json records them off; on 3-channel images (cifar_cwd) the run moves decorrelated
+    colour levels and logs the chroma TV it adds to the loss."""
+    short = ["--tlr", 0.05, "--preset", "resnet", "--bn_prior", 0, "--max_iterations", 2]  # an MLP: no BN
+    grey = run(recons, mlp_run.flags + short + ["--recons_dir", os.path.abspath("grey")])
+    args = json.load(open(os.path.join(grey, "config.json")))["args"]
+    assert (args["decorrelate_colours"], args["chroma_tv"], args["pyramid"]) == (False, 0.0, 3)
+    assert "--decorrelate_colours, --chroma_tv off here" in capsys.readouterr().out
+    assert "chroma_tv" not in log_rows(grey)[0]
+    flags = ["--model_name", "mlp", "--width", 8, "--num_imgs_per_class", 1, "--bs", 5]
+    run(train, flags + ["--lr", 0.05, "--epochs", 1])
+    colour = run(recons, flags + short + ["--recons_dir", "colour"])
+    args = json.load(open(os.path.join(colour, "config.json")))["args"]
+    assert (args["decorrelate_colours"], args["chroma_tv"]) == (True, 0.02)
+    assert "off here" not in capsys.readouterr().out
+    assert all(float(r["chroma_tv"]) > 0 for r in log_rows(colour))
+    assert sorted(k for k in torch.load(os.path.join(colour, "resume.pth")) if "level" in k) == \
+        ["colour_level0", "colour_level1", "colour_level2"]
