@@ -12,13 +12,16 @@ import argparse
 import os
 
 import torch
+from scipy.stats import spearmanr
 
 from simudy.data import denormalise
 from simudy.errors import UserError
+from simudy.exposure import check_shares_apply, image_shares
 from simudy.flags import add_metrics_args, parse_with_preset, pick_device
-from simudy.runs import (CONFIG, TRAIN_SUBSET, list_snapshots, load_checkpoint, metrics_dir_from_args, read_json,
+from simudy.runs import (CONFIG, THETA0, TRAIN_SUBSET, list_snapshots, load_checkpoint, metrics_dir_from_args, read_json,
                          recorded_train_dir, snapshot_path_from_args, write_csv, write_json)
 from simudy.scoring import SSIM_GOOD, label_agreement, lpips_mean, match_by_ssim, psnr_per_pair, ssim_matrix
+from simudy.target import load_training_run, loss_per_image
 from utils import run_main
 
 
@@ -32,7 +35,7 @@ def check_snapshot_exists(recons_dir, snapshot):
 
 
 def load_inputs(args):
-    """(training subset dict, snapshot dict, snapshot path, reconstruction folder)."""
+    """(training subset dict, snapshot dict, snapshot path, training run folder)."""
     recons_dir, snapshot_path = snapshot_path_from_args(args)
     check_snapshot_exists(recons_dir, snapshot_path)
     config_path = os.path.join(recons_dir, CONFIG)
@@ -49,7 +52,34 @@ def load_inputs(args):
         raise UserError(f"snapshot {snapshot_path} has images of shape {recons_shape} but the training"
                         f" subset in {train_dir} has {train_shape}; point --snapshot/--train_dir"
                         f" at matching runs")
-    return subset, snap, snapshot_path, recons_dir
+    return subset, snap, snapshot_path, train_dir
+
+
+def training_run_or_none(train_dir, device, image_shares_wanted):
+    """The TrainingRun behind the subset, None when the folder has no theta0 (a hand-made one); checks
+    --image_shares can be computed before any slow work."""
+    if not os.path.isfile(os.path.join(train_dir, THETA0)):
+        if image_shares_wanted:
+            raise UserError(f"--image_shares needs the training's theta0, and {train_dir} has none; point"
+                            f" --train_dir at train.py's run folder or drop --image_shares")
+        return None
+    run = load_training_run(train_dir, device)
+    if image_shares_wanted:
+        check_shares_apply(run.config["args"])
+    return run
+
+
+def ssim_by_theta0_loss(ssim_per_train, loss):
+    """How the SSIM of each training image (0 when unmatched) goes with its loss at theta0: the mean SSIM
+    of the images above the median loss (those the training had to teach) and of the rest, and Spearman's
+    rank correlation."""
+    if loss is None:
+        return None
+    high = loss > loss.median()
+    rho = spearmanr(ssim_per_train.numpy(), loss.numpy()).statistic if len(loss) > 2 else float("nan")
+    return {"spearman": float(rho), "ssim_high_loss": float(ssim_per_train[high].mean()),
+            "ssim_low_loss": float(ssim_per_train[~high].mean()),
+            "median_loss": round(float(loss.median()), 6)}  # a label: not the kernels' last bits
 
 
 def select_top(snap, top):
@@ -76,12 +106,16 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_metrics_args(parser)
+    parser.add_argument("--image_shares", action="store_true",
+                        help="also each training image's part of theta0 - theta_final (the training replayed"
+                             " image by image: ~the training's cost per image; README, 'Which images come back')")
     return parse_with_preset(parser, argv)
 
 
 def main(args):
     device = pick_device(args.device)
-    subset, snap, snapshot_path, _ = load_inputs(args)
+    subset, snap, snapshot_path, train_dir = load_inputs(args)
+    run = training_run_or_none(train_dir, device, args.image_shares)
     out_dir = metrics_dir_from_args(args)
     if os.path.isfile(os.path.join(out_dir, "metrics.json")):
         print(f"replacing previous metrics in {out_dir}")
@@ -100,6 +134,11 @@ def main(args):
     train_px, recons_px = denormalise(train_m, mean, std), denormalise(recons_m, mean, std)
     mse_px, psnr_px = psnr_per_pair(train_px, recons_px)
     mse_norm, psnr_norm = psnr_per_pair(train_m, recons_m)  # paper code: normalised tensors, peak 1
+    train_on_device, labels_on_device = train.to(device), subset["labels"].to(device)
+    loss0 = None if run is None else loss_per_image(run, train_on_device, labels_on_device).cpu()
+    shares = (None if not args.image_shares else
+              [t.cpu() for t in image_shares(run, train_on_device, labels_on_device)])
+    ssim_per_train = torch.zeros(n_train).index_put_((train_idx,), matched_ssim.float())
 
     metrics = {
         "avg_ssim": float(matched_ssim.sum() / n_train),  # paper: unmatched images count 0
@@ -115,6 +154,9 @@ def main(args):
         "lpips": lpips_mean(train_px, recons_px, device),
         # share of matched pairs whose dummy's label is the training image's (None: no labels saved)
         "label_agreement": label_agreement(subset["labels"], recon_labels, pairs),
+        # which images come back: those theta0 got wrong (high loss), or all alike (None: no theta0)
+        "ssim_by_theta0_loss": ssim_by_theta0_loss(ssim_per_train, loss0),
+        "spearman_ssim_share": None if shares is None else float(spearmanr(ssim_per_train, shares[0]).statistic),
     }
 
     os.makedirs(out_dir, exist_ok=True)
@@ -124,7 +166,7 @@ def main(args):
             if name.endswith(".png"):
                 os.remove(os.path.join(out_dir, sub, name))
     write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_labels, recon_ids,
-                  train_px, recons_px)
+                  train_px, recons_px, loss0, shares)
     torch.save({"train": train_m, "recons": recons_m, "ssim": matched_ssim.float(),
                 "train_index": train_idx, "recon_index": recon_ids[recon_idx],
                 "mean": mean, "std": std, "matching": args.matching, "snapshot": snapshot_path},
@@ -133,23 +175,32 @@ def main(args):
 
 
 def write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_labels, recon_ids,
-                  train_px, recons_px):
+                  train_px, recons_px, loss0, shares):
     from torchvision.utils import save_image
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     rows = [{"train_index": i, "dataset_index": int(subset["indices"][i]),
              "label": int(subset["labels"][i]), "recon_index": "", "recon_label": "",
-             "ssim": "", "psnr": ""} for i in range(metrics["n_train"])]
+             "ssim": "", "psnr": "", "loss_theta0": "" if loss0 is None else f"{float(loss0[i]):.6f}",
+             "share": "" if shares is None else f"{float(shares[0][i]):.6f}",
+             "share_cos": "" if shares is None else f"{float(shares[1][i]):.6f}"}
+            for i in range(metrics["n_train"])]
     for k, (t, r) in enumerate(pairs):
         rows[t].update(recon_index=int(recon_ids[r]), ssim=f"{float(matched_ssim[k]):.6f}",
                        psnr=f"{float(psnr_px[k]):.4f}",
                        recon_label="" if recon_labels is None else int(recon_labels[r]))
     write_csv(os.path.join(out_dir, "per_image.csv"), rows,
-              ["train_index", "dataset_index", "recon_index", "label", "recon_label", "ssim", "psnr"])
+              ["train_index", "dataset_index", "recon_index", "label", "recon_label", "ssim", "psnr",
+               "loss_theta0", "share", "share_cos"])
     for k in range(len(pairs)):
         save_image(train_px[k], os.path.join(out_dir, "ori", f"{k}.png"))
         save_image(recons_px[k], os.path.join(out_dir, "recover", f"{k}.png"))
     n_good = round(metrics[f"share_ssim_ge_{SSIM_GOOD}"] * metrics["n_train"])
     lpips_text = metrics["lpips"] if isinstance(metrics["lpips"], str) else f"{metrics['lpips']:.4f}"
+    by_loss = metrics["ssim_by_theta0_loss"]
+    by_loss_text = ("unknown (no theta0 in the training run)" if by_loss is None else
+                    f"mean SSIM {by_loss['ssim_high_loss']:.3f} for the half theta0 got most wrong (loss >"
+                    f" {by_loss['median_loss']:.3g}), {by_loss['ssim_low_loss']:.3f} for the half it already fitted"
+                    f" (Spearman {by_loss['spearman']:.2f})")
     summary = "\n".join([
         f"snapshot: {metrics['snapshot']}",
         f"avg SSIM (paper: matched sum / {metrics['n_train']} training images, {metrics['matching']}"
@@ -162,6 +213,10 @@ def write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_
         "matched pairs whose reconstruction has the training image's label: "
         + ("unknown (no labels in the snapshot)" if metrics["label_agreement"] is None
            else f"{100 * metrics['label_agreement']:.1f}%"),
+        f"SSIM by the training image's loss at theta0: {by_loss_text}",
+        *([] if metrics["spearman_ssim_share"] is None else
+          [f"SSIM by the training image's part of theta0 - theta_final (--image_shares): Spearman"
+           f" {metrics['spearman_ssim_share']:.2f}"]),
         f"written to: {out_dir}",
     ])
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:

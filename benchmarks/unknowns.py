@@ -62,6 +62,11 @@ CANDIDATE_BS = (5, 10, 20)
 NORM_MATCH = "200 fast-recipe iterations at the grid's middle lr, then the norm-matched lr"
 RANK_NS = (10, 20, 40)
 RANK_ITERS = 100  # the fast recipe's steps per epoch (x4 epochs) in the rank part
+# the rank part's recipe beyond its preset (default: the training's epochs simulated); on ResNet D that of
+# `make demo-resnet` (--steps 8: 2x the iterations per second, session 18) with the paper's clip in every
+# outer epoch: from noise M = 2N dummies diverge (nan) without it, and with it in the first epoch only
+# soon after it ends (session 23: N 10 at iteration 321, N 20 at 615)
+RANK_RECIPE = {"D": {"steps": 8, "clip_epochs": 4}}
 
 
 def parse_args(argv=None):
@@ -71,7 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--true_lrs", nargs="+", type=float, default=list(TRUE_LRS))
     p.add_argument("--true_bs", nargs="+", type=int, default=list(TRUE_BS))
     p.add_argument("--rank_ns", nargs="+", type=int, default=list(RANK_NS), help="true N of the rank part")
-    p.add_argument("--rank_iters", type=int, default=RANK_ITERS, help="fast recipe's steps per epoch (x4) for rank")
+    p.add_argument("--rank_iters", type=int, default=RANK_ITERS, help="the rank part recipe's steps per epoch (x4 epochs)")
+    p.add_argument("--rank_clip_epochs", type=int, default=None,
+                   help="outer epochs with the paper's clip in the rank part (default: its recipe's; on D the"
+                        " dummies' simulation diverges once a 1-epoch clip ends)")
     p.add_argument("--table", action="store_true", help="print the tables of results/unknowns.json and exit")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -244,8 +252,12 @@ def skip_duplicates(order, ssim_between, n, threshold=0.5):
     return kept + [j for j in order if j not in kept][:n - len(kept)]
 
 
-def part_rank(config, n, device, iters):
+def part_rank(config, n, device, iters, clip_epochs=None):
     suffix = "" if iters == RANK_ITERS else f"_iters{iters}"  # the default's rows keep their first keys
+    recipe = dict(RANK_RECIPE.get(config, {}))
+    if clip_epochs is not None and clip_epochs != recipe.get("clip_epochs"):
+        recipe["clip_epochs"] = clip_epochs
+        suffix += f"_clip{clip_epochs}"
     key = f"rank/{config}/N{n}{suffix}"
     if done(key):
         return
@@ -254,8 +266,8 @@ def part_rank(config, n, device, iters):
     run = load_training_run(train_dir, device)
     run_dir = os.path.join(RUNS, config, f"rank_N{n}{suffix}")
     if not os.path.isfile(os.path.join(run_dir, RANKING)):  # a finished reconstruction is reused
-        args = reconstruction_args(preset="fast", rec_steps_per_epoch=iters, overwrite=True, num_dummy=2 * n)
-        args.steps = run.config["args"]["epochs"]
+        args = reconstruction_args(preset=PRESET[config], rec_steps_per_epoch=iters, overwrite=True,
+                                   num_dummy=2 * n, **{"steps": run.config["args"]["epochs"], **recipe})
         args.rec_lr = resolve_rec_lr(args, "simudy")
         reconstruct_from_args(run, args, device, run_dir, 1e-2, bs)
     snaps = [torch.load(os.path.join(run_dir, stem + ".pth"), weights_only=False) for stem in list_snapshots(run_dir)]
@@ -270,6 +282,7 @@ def part_rank(config, n, device, iters):
     orders["dedup"] = skip_duplicates(orders["last"], between, n)
     orders["balanced"] = rank_dummies(snaps[-1]["grad_norms"], snaps[-1]["labels"]).tolist()
     row = {"key": key, "part": "rank", "config": config, "N": n, "M": 2 * n, "iterations": 4 * iters,
+           "preset": PRESET[config], "recipe": recipe,
            "ssim_all_M": paper_avg_ssim(train_x, images), "snapshots": len(snaps)}
     for name, order in orders.items():
         row[f"precision_{name}"] = top_n_precision(order, matched, n)
@@ -378,7 +391,7 @@ def main(args):
         for part in args.parts:
             if part == "rank":
                 for n in args.rank_ns:
-                    part_rank(config, n, device, args.rank_iters)
+                    part_rank(config, n, device, args.rank_iters, args.rank_clip_epochs)
                 continue
             for bs in args.true_bs:
                 for lr in args.true_lrs:

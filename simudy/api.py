@@ -21,8 +21,8 @@ import torch
 from .baselines import BASELINE_CANDIDATE_RATIO, reconstruct_baseline
 from .defences import unsimulated_defences
 from .errors import UserError
-from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, pick_device,
-                    preset_flags_off, preset_values, set_seed)
+from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, is_explicit_off,
+                    pick_device, preset_flags_off, preset_values, set_seed)
 from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
 from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers, simudy_setup,
                      total_gradient_norms)
@@ -59,7 +59,8 @@ def reconstruction_args(**options):
     preset = options.get("preset", known["preset"])
     if preset not in PRESETS:
         raise TypeError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-    known.update({k: v for k, v in preset_values(preset, options).items() if k in known})
+    given = {k for k, v in options.items() if not is_explicit_off(v, known[k])}
+    known.update({k: v for k, v in preset_values(preset, given).items() if k in known})
     known.update(options)
     return argparse.Namespace(**known)
 

@@ -86,7 +86,7 @@ PRESETS = {
 # apply, a preset's values of them are turned off (preset_flags_off), so one preset serves colour and grey
 # data and the baselines; an explicit other value still meets its flag's own error.
 COLOUR_ONLY = {"decorrelate_colours": False, "chroma_tv": 0.0}
-SIMUDY_ONLY = {"chroma_tv": 0.0}
+SIMUDY_ONLY = {"decorrelate_colours": False, "chroma_tv": 0.0}
 
 
 # A preset's default that an explicit choice of another flag overrides: the fast preset scores the last
@@ -96,8 +96,14 @@ PRESET_YIELDS_TO = {"snapshot": ("eval_epoch", "eval_step"), "decorrelate_colour
 _NOT_GIVEN = object()
 
 
+def is_explicit_off(value, default):
+    """A flag given its default where that default is off (--coarse 0): no choice a preset must yield to.
+    A default that is a choice (--eval_epoch 5) still counts when given."""
+    return not default and value == default
+
+
 def preset_values(preset, given):
-    """The preset's flag values, less those that yield to a flag in `given` (dests the user set)."""
+    """The preset's flag values, less those that yield to a flag in `given` (dests the user chose)."""
     return {k: v for k, v in PRESETS[preset].items() if not set(given) & set(PRESET_YIELDS_TO.get(k, ()))}
 
 
@@ -125,7 +131,7 @@ def parse_with_preset(parser, argv=None):
     parser.set_defaults(**dict.fromkeys(watched, _NOT_GIVEN))
     marked = vars(parser.parse_known_args(argv)[0])
     parser.set_defaults(**defaults)
-    given = {d for d in watched if marked[d] is not _NOT_GIVEN}
+    given = {d for d in watched if marked[d] is not _NOT_GIVEN and not is_explicit_off(marked[d], defaults[d])}
     parser.set_defaults(**{k: v for k, v in preset_values(known["preset"], given).items() if k in known})
     return parser.parse_args(argv)
 

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 from models import build_model
 
@@ -73,3 +75,19 @@ def load_training_run(train_dir, device, config=None):
     return training_run_from_states(model, theta0, theta_final, config, device, where=paths,
                                     fix=f"its config.json says {targs['model_name']} width {targs['width']};"
                                         f" retrain with train.py or fix the run folder")
+
+
+def loss_per_image(run, images, labels, at="theta0"):
+    """Each image's cross-entropy under the model at theta0 (or "theta_final"), BatchNorm in eval mode:
+    how much the training still had to teach it. SimuDy recovers the images theta0 got wrong and hardly
+    those it already fitted, whose gradients leave little in theta0 - theta_final (README, "Which images
+    come back")."""
+    params, buffers = (run.theta0, run.buffers) if at == "theta0" else (run.theta_final, run.final_buffers)
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            out = functional_call(run.model, {**params, **buffers}, (images,))
+    finally:
+        run.model.train(was_training)
+    return F.cross_entropy(out, labels, reduction="none")

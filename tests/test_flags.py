@@ -114,13 +114,19 @@ def test_resnet_preset_colour_flags_apply_to_simudy_on_colour_images_only():
     assert not recons.parse_args(["--preset", "resnet", "--no-decorrelate_colours"]).decorrelate_colours
     assert reconstruction_args(preset="resnet").decorrelate_colours
     assert not reconstruction_args(preset="resnet", coarse=16, pyramid=0).decorrelate_colours
+    # --coarse 0 (its default) is no coarse stage: the preset's decorrelation stands
+    assert recons.parse_args(["--preset", "resnet", "--coarse", "0"]).decorrelate_colours
+    assert reconstruction_args(preset="resnet", coarse=0).decorrelate_colours
+    # while a default that is a choice still counts: --eval_epoch 5 names the paper's snapshot under fast
+    assert metrics.parse_args(["--preset", "fast", "--eval_epoch", "5"]).snapshot is None
     # where they apply, nothing changes
     assert preset_flags_off(rec, 3) == [] and preset_flags_off(rec, None) == []
     assert (rec.decorrelate_colours, rec.chroma_tv) == (True, 0.02)
     assert preset_flags_off(rec, 1) == ["decorrelate_colours", "chroma_tv"]
     assert (rec.decorrelate_colours, rec.chroma_tv) == (False, 0.0)
     baseline = recons.parse_args(["--preset", "resnet", "--method", "one_step"])
-    assert preset_flags_off(baseline, None) == ["chroma_tv"] and baseline.chroma_tv == 0.0
+    assert preset_flags_off(baseline, None) == ["decorrelate_colours", "chroma_tv"]  # one note, before the data
+    assert (baseline.decorrelate_colours, baseline.chroma_tv) == (False, 0.0)
     explicit = recons.parse_args(["--preset", "resnet", "--chroma_tv", "0.05"])
     assert preset_flags_off(explicit, 1) == ["decorrelate_colours"] and explicit.chroma_tv == 0.05
     paper = recons.parse_args(["--decorrelate_colours"])  # the paper preset has no colour flags to turn off

@@ -44,6 +44,9 @@ def test_identical_snapshot_scores_perfectly(tmp_path, capsys):
     assert [int(r["dataset_index"]) for r in rows] == [i * 7 + 3 for i in range(6)]
     assert all(r["label"] == r["recon_label"] for r in rows)
     assert result["label_agreement"] == 1.0 and "label: 100.0%" in (out_dir / "summary.txt").read_text()
+    # a hand-made training folder without theta0: no loss to sort by, said so
+    assert result["ssim_by_theta0_loss"] is None and all(r["loss_theta0"] == "" for r in rows)
+    assert "loss at theta0: unknown (no theta0" in (out_dir / "summary.txt").read_text()
     assert sorted(os.listdir(out_dir / "ori")) == sorted(os.listdir(out_dir / "recover")) == \
         sorted(f"{i}.png" for i in range(6))
     matched = torch.load(out_dir / "matched.pth")
@@ -146,3 +149,21 @@ def test_user_error_is_one_line_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: reconstruction folder")
+
+
+def test_ssim_by_theta0_loss_splits_at_the_median_and_ranks():
+    ssim = torch.tensor([0.9, 0.0, 0.8, 0.1])
+    loss = torch.tensor([2.0, 0.01, 1.5, 0.1])
+    by_loss = metrics.ssim_by_theta0_loss(ssim, loss)
+    assert by_loss["spearman"] == pytest.approx(1.0)
+    assert by_loss["ssim_high_loss"] == pytest.approx(0.85) and by_loss["ssim_low_loss"] == pytest.approx(0.05)
+    assert metrics.ssim_by_theta0_loss(ssim, -loss)["spearman"] == pytest.approx(-1.0)
+    assert metrics.ssim_by_theta0_loss(ssim, None) is None
+
+
+def test_image_shares_need_the_trainings_theta0(tmp_path):
+    runs = make_runs(tmp_path, n=4)
+    with pytest.raises(UserError) as excinfo:
+        score(runs.recons_dir, "--image_shares")
+    one_line_error(excinfo, "--image_shares needs the training's theta0", "drop --image_shares")
+    assert not (Path(runs.recons_dir) / "metrics").exists()  # refused before writing anything

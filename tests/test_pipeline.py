@@ -1,18 +1,22 @@
 """End to end on tiny fake data: train -> recons -> metrics -> draw_pics, and the seed README's command
 lines (bash grid_search.sh included). Each stage's own behaviour is in test_<stage>.py."""
+import csv
 import json
 import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import rankdata
 
 import draw_pics
 import metrics
 import recons
 import train
+from models import build_model
 from simudy.loop import LOG_FIELDS
 from tests.helpers import reference_avg_ssim, run, run_script
 
@@ -48,13 +52,28 @@ def test_end_to_end_resnet_on_cifar_layout(cifar_cwd):
     log = open(os.path.join(recons_dir, "log.csv")).read().splitlines()
     assert len(log) == 1 + 6 and log[0] == ",".join(LOG_FIELDS)
 
-    result = run(metrics, flags + ["--tlr", 1e-2, "--snapshot", "last"])
+    result = run(metrics, flags + ["--tlr", 1e-2, "--snapshot", "last", "--image_shares"])
     assert result["n_train"] == 20 and result["snapshot"] == os.path.join(recons_dir, "1_2.pth")
     # the paper's number on the last snapshot, computed independently (skimage, the paper code's loop)
     assert result["avg_ssim"] == pytest.approx(reference_avg_ssim(subset["images"], snap["x"]), abs=1e-6)
     out_dir = os.path.join(recons_dir, "metrics", "1_2")
     assert json.load(open(os.path.join(out_dir, "metrics.json")))["avg_ssim"] == result["avg_ssim"]
-    assert os.path.isfile(os.path.join(out_dir, "per_image.csv"))
+    # each training image's loss at theta0, the second way: the model itself with theta0 loaded
+    model = build_model("resnet18", 10, [3, 32, 32], 4)
+    model.load_state_dict(theta0)
+    with torch.no_grad():
+        expected = torch.nn.CrossEntropyLoss(reduction="none")(model.eval()(subset["images"]), subset["labels"])
+    rows = list(csv.DictReader(open(os.path.join(out_dir, "per_image.csv"))))
+    assert [float(r["loss_theta0"]) for r in rows] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-6)
+    by_loss = result["ssim_by_theta0_loss"]
+    ssim = np.array([float(r["ssim"] or 0) for r in rows])
+    assert by_loss["spearman"] == pytest.approx(np.corrcoef(rankdata(ssim), rankdata(expected))[0, 1], abs=1e-6)
+    assert by_loss["ssim_high_loss"] == pytest.approx(ssim[expected.numpy() > np.median(expected.numpy())].mean(),
+                                                      abs=1e-5)
+    shares = np.array([float(r["share"]) for r in rows])  # each image's part of the change (test_exposure.py)
+    assert (shares > 0).all() and all(-1 <= float(r["share_cos"]) <= 1 for r in rows)
+    assert result["spearman_ssim_share"] == pytest.approx(np.corrcoef(rankdata(ssim), rankdata(shares))[0, 1],
+                                                          abs=1e-5)
     paths = run(draw_pics, flags + ["--tlr", 1e-2, "--snapshot", "last", "--sort", "ssim"])
     side, size = grid_size(Image.open(paths[0]), 10, 4)  # 2 pairs of rows of 10 tiles, 2 px padding
     assert side % 32 == 0 and Image.open(paths[0]).size == size  # tiles of 32 px (or enlarged k times)

@@ -1,0 +1,62 @@
+"""Which training images theta0 - theta_final holds: each image's own part of the change. The defender's
+view (it needs the training images, no reconstruction): on ResNets, SimuDy recovers the images whose part
+is large and hardly those theta0 already fitted, whose gradients leave little in the change (README,
+"Which images come back")."""
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .simulate import flat, loss_gradient, sgd_config_from_training
+
+
+def check_shares_apply(train_args):
+    """The change splits into images' parts only where a batch's update is the sum of its images' parts."""
+    reasons = [why for why, applies in [
+        ("train-mode BatchNorm (a batch's statistics couple its images)", train_args.get("bn_mode") == "train"),
+        ("weight decay (a part of no image)", train_args.get("weight_decay")),
+        ("DP-SGD (its noise is no image's)", train_args.get("dp_noise_multiplier") or train_args.get("dp_max_grad_norm")),
+        ("augmentation (the images seen are not the subset's)", train_args.get("augment", "none") != "none"),
+    ] if applies]
+    if reasons:
+        raise UserError(f"per-image parts of the change need a training without {', '.join(reasons)};"
+                        f" drop --image_shares for this run")
+
+
+def image_parts(run, images, labels):
+    """Delta_i, one row per training image: the training replayed (its batches in order, torch.optim.SGD
+    with its momentum), each step's update split into its images' parts (a batch's loss is the mean of
+    its images', so image i's part of the gradient is g_i / batch size, and momentum is linear in the
+    gradients), summed over the steps. The rows sum to theta0 - theta_final (tests: test_exposure.py)."""
+    train_args = run.config["args"]
+    check_shares_apply(train_args)
+    sgd = sgd_config_from_training(train_args, train_args["lr"])
+    run.model.train(False)
+    params = {k: v.detach() for k, v in run.theta0.items()}
+    n, bs = len(images), train_args["bs"]
+    parts = torch.zeros(n, sum(p.numel() for p in params.values()), device=images.device)
+    velocity = torch.zeros_like(parts)  # each image's part of the momentum buffer
+    for _ in range(train_args["epochs"]):
+        for start in range(0, n, bs):
+            batch = range(start, min(start + bs, n))
+            velocity *= sgd.momentum  # 0 without momentum: velocity is this step's direction
+            for i in batch:
+                p = {k: v.requires_grad_(True) for k, v in ((k, v.detach()) for k, v in params.items())}
+                grads = loss_gradient(run.model, p, run.buffers, images[i:i + 1], labels[i:i + 1], sgd,
+                                      create_graph=False, clip=False)
+                velocity[i] += flat(grads) / len(batch)
+            parts += sgd.lr * velocity
+            step = velocity.sum(0)
+            offset = 0
+            for k, v in params.items():
+                params[k] = v - sgd.lr * step[offset:offset + v.numel()].view_as(v)
+                offset += v.numel()
+    return parts
+
+
+def image_shares(run, images, labels):
+    """(share, cos) per training image: ||Delta_i|| / ||theta0 - theta_final|| and cos(Delta_i, theta0 -
+    theta_final). An image whose part is short or at right angles to the change is one the change hardly
+    holds."""
+    parts = image_parts(run, images, labels)
+    change = run.weight_change.to(parts)
+    return parts.norm(dim=1) / change.norm(), F.cosine_similarity(parts, change[None], dim=1)
