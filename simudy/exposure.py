@@ -40,16 +40,13 @@ def image_parts(run, images, labels):
             batch = range(start, min(start + bs, n))
             velocity *= sgd.momentum  # 0 without momentum: velocity is this step's direction
             for i in batch:
-                p = {k: v.requires_grad_(True) for k, v in ((k, v.detach()) for k, v in params.items())}
-                grads = loss_gradient(run.model, p, run.buffers, images[i:i + 1], labels[i:i + 1], sgd,
+                leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                grads = loss_gradient(run.model, leaves, run.buffers, images[i:i + 1], labels[i:i + 1], sgd,
                                       create_graph=False, clip=False)
                 velocity[i] += flat(grads) / len(batch)
             parts += sgd.lr * velocity
-            step = velocity.sum(0)
-            offset = 0
-            for k, v in params.items():
-                params[k] = v - sgd.lr * step[offset:offset + v.numel()].view_as(v)
-                offset += v.numel()
+            steps = velocity.sum(0).split([v.numel() for v in params.values()])
+            params = {k: v - sgd.lr * d.view_as(v) for (k, v), d in zip(params.items(), steps)}
     return parts
 
 
