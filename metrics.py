@@ -31,7 +31,7 @@ def check_snapshot_exists(recons_dir, snapshot):
     available = list_snapshots(recons_dir)
     raise UserError(f"snapshot {snapshot} not found; available: {', '.join(available) or 'none'};"
                     f" pick --eval_epoch/--eval_step from those (step = file's number / 100)"
-                    f" or pass --snapshot")
+                    f" or pass --snapshot NAME (with --recons_dir) or FILE")
 
 
 def load_inputs(args):

@@ -40,7 +40,7 @@ from simudy.method import initial_dummies, rank_dummies, simudy_setup  # noqa: E
 from simudy.runs import RANKING, TRAIN_SUBSET, list_snapshots, resolve_rec_lr, train_run_name  # noqa: E402
 from simudy.scoring import match_by_ssim, paper_avg_ssim, ssim_matrix  # noqa: E402
 from simudy.search import change_agreement, lr_matching_norm, norm_choice, norm_search_dummies, short_run  # noqa: E402
-from simudy.target import load_training_run  # noqa: E402
+from simudy.target import load_training_run, loss_per_image  # noqa: E402
 
 RUNS = os.path.join(ROOT, "benchmarks", "runs", "unknowns")
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "unknowns.json")
@@ -51,10 +51,14 @@ CONFIGS = {  # name -> train.py/recons.py data and model flags (the subset size 
     "A": ["--dataset", "fashion_mnist", "--model_name", "mlp", "--offset", str(FMNIST_OFFSET)],
     "C20": ["--dataset", "folder", "--data_root", os.path.join(RUNS, "cifar10-test"), "--model_name", "mlp"],
     "D": ["--dataset", "fashion_mnist", "--model_name", "resnet18", "--width", "16", "--offset", str(FMNIST_OFFSET)],
+    # D with a weaker theta0 (2 pretraining epochs, not 15): theta0 already fits fewer of the training images,
+    # so more of them leave a part in theta0 - theta_final (session 24, README "Which images come back")
+    "D2ep": ["--dataset", "fashion_mnist", "--model_name", "resnet18", "--width", "16", "--offset", str(FMNIST_OFFSET),
+             "--pretrain_epochs", "2"],
 }
 # the preset a user runs on each (the norm criterion's 200 iterations follow it): on ResNet D the fast
 # preset's Adam lr 0.01 leaves the dummies at noise (SSIM 0.008), whose norm is 5x the images'
-PRESET = {"A": "fast", "C20": "fast", "D": "resnet"}
+PRESET = {"A": "fast", "C20": "fast", "D": "resnet", "D2ep": "resnet"}
 TRUE_LRS = (2e-3, 5e-3, 1e-2, 2e-2)
 TRUE_BS = (10, 20)
 CANDIDATE_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # a log grid: every true lr is inside it
@@ -66,7 +70,9 @@ RANK_ITERS = 100  # the fast recipe's steps per epoch (x4 epochs) in the rank pa
 # `make demo-resnet` (--steps 8: 2x the iterations per second, session 18) with the paper's clip in every
 # outer epoch: from noise M = 2N dummies diverge (nan) without it, and with it in the first epoch only
 # soon after it ends (session 23: N 10 at iteration 321, N 20 at 615)
-RANK_RECIPE = {"D": {"steps": 8, "clip_epochs": 4}}
+RANK_RECIPE = {"D": {"steps": 8, "clip_epochs": 4}, "D2ep": {"steps": 8, "clip_epochs": 4}}
+# a matched dummy counts as recovered (recognisable) at this SSIM to its training image
+RECOVERED_SSIM = 0.3
 
 
 def parse_args(argv=None):
@@ -80,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--rank_clip_epochs", type=int, default=None,
                    help="outer epochs with the paper's clip in the rank part (default: its recipe's; on D the"
                         " dummies' simulation diverges once a 1-epoch clip ends)")
+    p.add_argument("--redo", action="store_true",
+                   help="recompute the rank rows asked for even if results/unknowns.json has them (a reconstruction"
+                        " still in benchmarks/runs/unknowns is reused)")
     p.add_argument("--table", action="store_true", help="print the tables of results/unknowns.json and exit")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -94,7 +103,7 @@ def train(config, lr, bs, per_class=2):
     """The training run's folder (trained once, then reused), or None when train.py refused (a training that
     diverges, as ResNet D at lr 0.02 does, is skipped, and said so)."""
     flags = CONFIGS[config]
-    folder = os.path.join(RUNS, config)
+    folder = os.path.join(RUNS, config)  # one folder per config: train.py's run name does not say the pretraining
     os.makedirs(folder, exist_ok=True)
     model = flags[flags.index("--model_name") + 1]
     width = int(flags[flags.index("--width") + 1]) if "--width" in flags else None
@@ -241,6 +250,11 @@ def top_n_precision(order, matched, n):
     return len(set(order[:n]) & matched) / n
 
 
+def top_n_recall(order, wanted, n):
+    """The share of the wanted dummies that the first n of the order hold (nan when none is wanted)."""
+    return len(set(order[:n]) & wanted) / len(wanted) if wanted else float("nan")
+
+
 def skip_duplicates(order, ssim_between, n, threshold=0.5):
     """The ranking with a dummy skipped when it looks like (SSIM > threshold) one already kept."""
     kept = []
@@ -252,14 +266,14 @@ def skip_duplicates(order, ssim_between, n, threshold=0.5):
     return kept + [j for j in order if j not in kept][:n - len(kept)]
 
 
-def part_rank(config, n, device, iters, clip_epochs=None):
+def part_rank(config, n, device, iters, clip_epochs=None, redo=False):
     suffix = "" if iters == RANK_ITERS else f"_iters{iters}"  # the default's rows keep their first keys
     recipe = dict(RANK_RECIPE.get(config, {}))
     if clip_epochs is not None and clip_epochs != recipe.get("clip_epochs"):
         recipe["clip_epochs"] = clip_epochs
         suffix += f"_clip{clip_epochs}"
     key = f"rank/{config}/N{n}{suffix}"
-    if done(key):
+    if done(key) and not redo:
         return
     bs = min(20, n)
     train_dir = train(config, 1e-2, bs, per_class=n // 10)
@@ -274,7 +288,9 @@ def part_rank(config, n, device, iters, clip_epochs=None):
     images = snaps[-1]["x"]
     train_x, _ = true_subset(train_dir)
     ssim = ssim_matrix(train_x, images)
-    matched = {c for _, c in match_by_ssim(ssim)}
+    pairs = match_by_ssim(ssim)  # (training image, dummy)
+    matched = {c for _, c in pairs}
+    recovered = {c for r, c in pairs if ssim[r, c] >= RECOVERED_SSIM}
     summed = sum(s["grad_norms"] for s in snaps)
     orders = {"last": snaps[-1]["ranking"].tolist(),
               "summed": torch.argsort(summed, descending=True, stable=True).tolist()}
@@ -287,7 +303,16 @@ def part_rank(config, n, device, iters, clip_epochs=None):
     for name, order in orders.items():
         row[f"precision_{name}"] = top_n_precision(order, matched, n)
         row[f"ssim_{name}"] = paper_avg_ssim(train_x, images[order[:n]])
+        # the ranking's precision on what could be told apart: of the dummies that came back recognisable,
+        # the share in its top N (a dummy "matched" to an image that did not come back is a near-arbitrary pick)
+        row[f"recovered_kept_{name}"] = top_n_recall(order, recovered, n)
+    row["recovered"] = len(recovered)
+    loss0 = loss_per_image(run, train_x.to(device), true_subset(train_dir)[1].to(device)).cpu()
     norms = snaps[-1]["grad_norms"]
+    rank_of = {j: r for r, j in enumerate(orders["last"])}
+    # per training image: its loss at theta0, its matched dummy's SSIM, norm and paper rank
+    row["images"] = [{"image": r, "loss_theta0": float(loss0[r]), "ssim": float(ssim[r, c]), "dummy": c,
+                      "norm": float(norms[c]), "rank": rank_of[c]} for r, c in sorted(pairs)]
     row["norm_matched_mean"] = float(norms[sorted(matched)].mean())
     row["norm_unmatched_mean"] = float(norms[[j for j in range(2 * n) if j not in matched]].mean())
     save_row(row)
@@ -372,6 +397,20 @@ def print_tables(rows):
             print(f"| {r['config']} | {r['N']} | {r['M']} | {iterations(r)} | {r['ssim_all_M']:.3f} | "
                   + " | ".join(f"{r[f'precision_{k}']:.2f} | {r[f'ssim_{k}']:.3f}" for k in ("last", "summed", "dedup", "balanced"))
                   + f" | {r['norm_matched_mean']:.3g} / {r['norm_unmatched_mean']:.3g} |")
+        detailed = [r for r in rank if "images" in r]  # rows from session 24 on
+        if detailed:
+            print(f"\n## The ranking on what came back: dummies matched at SSIM >= {RECOVERED_SSIM} (recovered), the share"
+                  " of them in the top N, and the training images' loss at theta0")
+            print("| config | N | iterations | precision (paper) | recovered | recovered in top N: paper | class_balanced "
+                  "| images with loss at theta0 < 0.05 | their mean SSIM | the others' mean SSIM |")
+            print("|---" * 10 + "|")
+            for r in sorted(detailed, key=lambda r: (r["config"], r["N"], iterations(r))):
+                fitted = [i for i in r["images"] if i["loss_theta0"] < 0.05]
+                rest = [i for i in r["images"] if i["loss_theta0"] >= 0.05]
+                mean = lambda xs: sum(i["ssim"] for i in xs) / len(xs) if xs else float("nan")  # noqa: E731
+                print(f"| {r['config']} | {r['N']} | {iterations(r)} | {r['precision_last']:.2f} | {r['recovered']} | "
+                      f"{r['recovered_kept_last']:.2f} | {r['recovered_kept_balanced']:.2f} | {len(fitted)} | "
+                      f"{mean(fitted):.3f} | {mean(rest):.3f} |")
 
 
 def main(args):
@@ -391,7 +430,7 @@ def main(args):
         for part in args.parts:
             if part == "rank":
                 for n in args.rank_ns:
-                    part_rank(config, n, device, args.rank_iters, args.rank_clip_epochs)
+                    part_rank(config, n, device, args.rank_iters, args.rank_clip_epochs, args.redo)
                 continue
             for bs in args.true_bs:
                 for lr in args.true_lrs:

@@ -164,9 +164,13 @@ def recons_dir_from_args(args, method="simudy"):
 def snapshot_path_from_args(args):
     """(reconstruction folder, snapshot file) named by metrics.py's flags; the file need not exist.
 
-    --snapshot last = the newest snapshot of the run the flags name (what the Makefile's demo uses).
+    --snapshot last = the newest snapshot of the run the flags name (what the Makefile's demo uses);
+    --snapshot 3_324 with --recons_dir = that folder's snapshot of that name (as the error lists them).
     """
     if args.snapshot and args.snapshot != "last":
+        named = os.path.join(args.recons_dir, args.snapshot + ".pth") if args.recons_dir else None
+        if named and not os.path.isfile(args.snapshot) and os.path.isfile(named):
+            return args.recons_dir, named
         return args.recons_dir or os.path.dirname(os.path.abspath(args.snapshot)), args.snapshot
     recons_dir = recons_dir_from_args(args, method=METHOD_OF_LINEAR[args.linear])
     prefix = str(args.eval_epoch) if args.linear == 0 else "x"  # paper code's file names

@@ -37,6 +37,8 @@ def test_snapshot_last_picks_newest(tmp_path):
         torch.save({"x": torch.zeros(1, 3, 32, 32)}, Path(recons_dir) / name)
     args = metrics.parse_args(["--recons_dir", recons_dir, "--snapshot", "last"])
     assert snapshot_path_from_args(args) == (recons_dir, os.path.join(recons_dir, "10_100.pth"))
+    by_name = metrics.parse_args(["--recons_dir", recons_dir, "--snapshot", "2_1300"])  # a name as listed
+    assert snapshot_path_from_args(by_name) == (recons_dir, os.path.join(recons_dir, "2_1300.pth"))
     assert metrics.main(args)["n_recons"] == 1
     empty = tmp_path / "empty_run"
     empty.mkdir()

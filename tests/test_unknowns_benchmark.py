@@ -33,6 +33,9 @@ def test_score_counts_the_lr_within_a_step_and_the_exact_bs(unknowns):
 
 def test_top_n_precision_and_duplicates_skipped(unknowns):
     assert unknowns.top_n_precision([3, 1, 0, 2], {0, 1}, 2) == 0.5
+    assert unknowns.top_n_recall([3, 1, 0, 2], {1}, 2) == 1.0  # the one recovered dummy is in the top 2
+    assert unknowns.top_n_recall([3, 1, 0, 2], {1, 0, 2}, 2) == pytest.approx(1 / 3)
+    assert math.isnan(unknowns.top_n_recall([3, 1, 0, 2], set(), 2))
     between = torch.eye(4)
     between[0, 1] = between[1, 0] = 0.9  # dummies 0 and 1 look alike
     assert unknowns.skip_duplicates([0, 1, 2, 3], between, 2) == [0, 2]
