@@ -9,6 +9,7 @@ and writes the matched pairs for draw_pics.py.
         --eval_epoch 5 --eval_step 12
 """
 import argparse
+import math
 import os
 
 import torch
@@ -69,6 +70,12 @@ def training_run_or_none(train_dir, device, image_shares_wanted):
     return run
 
 
+def exact_mean(values):
+    """The mean, exactly rounded (math.fsum), so the same on every CPU: a float32 tensor's .mean() sums in
+    an order its vector kernels choose, and its last bits differ between machines (tests/test_reference.py)."""
+    return math.fsum(values.tolist()) / len(values) if len(values) else float("nan")
+
+
 def ssim_by_theta0_loss(ssim_per_train, loss):
     """How the SSIM of each training image (0 when unmatched) goes with its loss at theta0: the mean SSIM
     of the images above the median loss (those the training had to teach) and of the rest, and Spearman's
@@ -77,8 +84,8 @@ def ssim_by_theta0_loss(ssim_per_train, loss):
         return None
     high = loss > loss.median()
     rho = spearmanr(ssim_per_train.numpy(), loss.numpy()).statistic if len(loss) > 2 else float("nan")
-    return {"spearman": float(rho), "ssim_high_loss": float(ssim_per_train[high].mean()),
-            "ssim_low_loss": float(ssim_per_train[~high].mean()),
+    return {"spearman": float(rho), "ssim_high_loss": exact_mean(ssim_per_train[high]),
+            "ssim_low_loss": exact_mean(ssim_per_train[~high]),
             "median_loss": round(float(loss.median()), 6)}  # a label: not the kernels' last bits
 
 
