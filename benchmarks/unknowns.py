@@ -10,7 +10,9 @@ on, and what works better. Three parts, each resumable per row (results/unknowns
             those dummies has the true change's norm, for each candidate bs; bs by the lowest 1 - cos there.
   rank      Unknown N: true N 10, 20, 40, M = 2N dummies; the precision of the top-N by the paper's total-
             gradient norm (last snapshot), by the norm summed over the snapshots, and by the norm with
-            near-duplicates skipped; and the SSIM each keeps against the SSIM of all M.
+            near-duplicates skipped; and the SSIM each keeps against the SSIM of all M. Each row also keeps
+            every training image's loss at theta0 and its matched dummy's SSIM, norm and rank, and the share
+            of the recognisable dummies (SSIM >= 0.3) that each top N holds.
 
     python benchmarks/unknowns.py                           # every part on configs A, C20 (and D: truth)
     python benchmarks/unknowns.py --parts truth --configs D
@@ -19,7 +21,8 @@ on, and what works better. Three parts, each resumable per row (results/unknowns
 Images: Fashion-MNIST from index 30,000 (--offset) and CIFAR-10's test split (a folder whose train/ links
 to the shared test images), neither used to develop or tune this tool. A: MLP-1000-1000 on Fashion-MNIST;
 C20: the same MLP on 20 CIFAR-10 images; D: ResNet-18 width 16 on Fashion-MNIST (theta0 pretrained on
-other images). 2 images per class, 20 epochs of training.
+other images); D2ep: D with theta0 pretrained for 2 epochs instead of 15. 2 images per class, 20 epochs of
+training.
 """
 import argparse
 import fcntl
@@ -51,14 +54,14 @@ CONFIGS = {  # name -> train.py/recons.py data and model flags (the subset size 
     "A": ["--dataset", "fashion_mnist", "--model_name", "mlp", "--offset", str(FMNIST_OFFSET)],
     "C20": ["--dataset", "folder", "--data_root", os.path.join(RUNS, "cifar10-test"), "--model_name", "mlp"],
     "D": ["--dataset", "fashion_mnist", "--model_name", "resnet18", "--width", "16", "--offset", str(FMNIST_OFFSET)],
-    # D with a weaker theta0 (2 pretraining epochs, not 15): theta0 already fits fewer of the training images,
-    # so more of them leave a part in theta0 - theta_final (session 24, README "Which images come back")
-    "D2ep": ["--dataset", "fashion_mnist", "--model_name", "resnet18", "--width", "16", "--offset", str(FMNIST_OFFSET),
-             "--pretrain_epochs", "2"],
 }
+# D with a weaker theta0 (2 pretraining epochs, not 15): theta0 already fits fewer of the training images, so
+# more of them leave a part in theta0 - theta_final (session 24, README "Which images come back")
+CONFIGS["D2ep"] = CONFIGS["D"] + ["--pretrain_epochs", "2"]
 # the preset a user runs on each (the norm criterion's 200 iterations follow it): on ResNet D the fast
 # preset's Adam lr 0.01 leaves the dummies at noise (SSIM 0.008), whose norm is 5x the images'
-PRESET = {"A": "fast", "C20": "fast", "D": "resnet", "D2ep": "resnet"}
+PRESET = {"A": "fast", "C20": "fast", "D": "resnet"}
+PRESET["D2ep"] = PRESET["D"]
 TRUE_LRS = (2e-3, 5e-3, 1e-2, 2e-2)
 TRUE_BS = (10, 20)
 CANDIDATE_LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # a log grid: every true lr is inside it
@@ -70,9 +73,10 @@ RANK_ITERS = 100  # the fast recipe's steps per epoch (x4 epochs) in the rank pa
 # `make demo-resnet` (--steps 8: 2x the iterations per second, session 18) with the paper's clip in every
 # outer epoch: from noise M = 2N dummies diverge (nan) without it, and with it in the first epoch only
 # soon after it ends (session 23: N 10 at iteration 321, N 20 at 615)
-RANK_RECIPE = {"D": {"steps": 8, "clip_epochs": 4}, "D2ep": {"steps": 8, "clip_epochs": 4}}
-# a matched dummy counts as recovered (recognisable) at this SSIM to its training image
-RECOVERED_SSIM = 0.3
+RANK_RECIPE = {"D": {"steps": 8, "clip_epochs": 4}}
+RANK_RECIPE["D2ep"] = RANK_RECIPE["D"]
+RECOVERED_SSIM = 0.3  # a matched dummy counts as recovered (recognisable) at this SSIM to its training image
+FITTED_LOSS = 0.05  # a training image with a loss at theta0 below this: one theta0 already classified
 
 
 def parse_args(argv=None):
@@ -87,8 +91,8 @@ def parse_args(argv=None):
                    help="outer epochs with the paper's clip in the rank part (default: its recipe's; on D the"
                         " dummies' simulation diverges once a 1-epoch clip ends)")
     p.add_argument("--redo", action="store_true",
-                   help="recompute the rank rows asked for even if results/unknowns.json has them (a reconstruction"
-                        " still in benchmarks/runs/unknowns is reused)")
+                   help="recompute the rank rows asked for even if results/unknowns.json has them (a"
+                        " reconstruction still in benchmarks/runs/unknowns is reused)")
     p.add_argument("--table", action="store_true", help="print the tables of results/unknowns.json and exit")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -286,7 +290,7 @@ def part_rank(config, n, device, iters, clip_epochs=None, redo=False):
         reconstruct_from_args(run, args, device, run_dir, 1e-2, bs)
     snaps = [torch.load(os.path.join(run_dir, stem + ".pth"), weights_only=False) for stem in list_snapshots(run_dir)]
     images = snaps[-1]["x"]
-    train_x, _ = true_subset(train_dir)
+    train_x, train_labels = true_subset(train_dir)
     ssim = ssim_matrix(train_x, images)
     pairs = match_by_ssim(ssim)  # (training image, dummy)
     matched = {c for _, c in pairs}
@@ -307,7 +311,7 @@ def part_rank(config, n, device, iters, clip_epochs=None, redo=False):
         # the share in its top N (a dummy "matched" to an image that did not come back is a near-arbitrary pick)
         row[f"recovered_kept_{name}"] = top_n_recall(order, recovered, n)
     row["recovered"] = len(recovered)
-    loss0 = loss_per_image(run, train_x.to(device), true_subset(train_dir)[1].to(device)).cpu()
+    loss0 = loss_per_image(run, train_x.to(device), train_labels.to(device)).cpu()
     norms = snaps[-1]["grad_norms"]
     rank_of = {j: r for r, j in enumerate(orders["last"])}
     # per training image: its loss at theta0, its matched dummy's SSIM, norm and paper rank
@@ -399,18 +403,22 @@ def print_tables(rows):
                   + f" | {r['norm_matched_mean']:.3g} / {r['norm_unmatched_mean']:.3g} |")
         detailed = [r for r in rank if "images" in r]  # rows from session 24 on
         if detailed:
-            print(f"\n## The ranking on what came back: dummies matched at SSIM >= {RECOVERED_SSIM} (recovered), the share"
-                  " of them in the top N, and the training images' loss at theta0")
-            print("| config | N | iterations | precision (paper) | recovered | recovered in top N: paper | class_balanced "
-                  "| images with loss at theta0 < 0.05 | their mean SSIM | the others' mean SSIM |")
+            print(f"\n## The ranking on what came back: dummies matched at SSIM >= {RECOVERED_SSIM} (recovered),"
+                  " the share of them in the top N, and the training images' loss at theta0")
+            print("| config | N | iterations | precision (paper) | recovered | recovered in top N: paper "
+                  f"| class_balanced | images with loss at theta0 < {FITTED_LOSS} | their mean SSIM "
+                  "| the others' mean SSIM |")
             print("|---" * 10 + "|")
             for r in sorted(detailed, key=lambda r: (r["config"], r["N"], iterations(r))):
-                fitted = [i for i in r["images"] if i["loss_theta0"] < 0.05]
-                rest = [i for i in r["images"] if i["loss_theta0"] >= 0.05]
-                mean = lambda xs: sum(i["ssim"] for i in xs) / len(xs) if xs else float("nan")  # noqa: E731
+                fitted = [i["ssim"] for i in r["images"] if i["loss_theta0"] < FITTED_LOSS]
+                rest = [i["ssim"] for i in r["images"] if i["loss_theta0"] >= FITTED_LOSS]
                 print(f"| {r['config']} | {r['N']} | {iterations(r)} | {r['precision_last']:.2f} | {r['recovered']} | "
                       f"{r['recovered_kept_last']:.2f} | {r['recovered_kept_balanced']:.2f} | {len(fitted)} | "
-                      f"{mean(fitted):.3f} | {mean(rest):.3f} |")
+                      f"{mean_or_nan(fitted):.3f} | {mean_or_nan(rest):.3f} |")
+
+
+def mean_or_nan(values):
+    return sum(values) / len(values) if values else float("nan")
 
 
 def main(args):

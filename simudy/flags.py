@@ -192,7 +192,9 @@ def add_eval_args(parser):
                    help="snapshot step in hundreds: reads <eval_epoch>_<eval_step*100>.pth")
     g.add_argument("--linear", default=0, type=int, choices=[0, 1, 2],
                    help="0 SimuDy; 1 Buzaglo et al.; 2 Loo et al. (the paper's flag)")
-    g.add_argument("--snapshot", default=None, help="explicit snapshot file, or with --recons_dir a snapshot's name there (3_324); overrides the two above")
+    g.add_argument("--snapshot", default=None,
+                   help="explicit snapshot file, or with --recons_dir a snapshot's name there (3_324); overrides"
+                        " the two above")
     return g
 
 
