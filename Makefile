@@ -40,7 +40,7 @@ demo: venv fashion-mnist
 	@mkdir -p $(DEMO_DIR)
 	cd $(DEMO_DIR) && ../$(PY) ../train.py $(DEMO_FLAGS) --lr 1e-2 --overwrite
 	cd $(DEMO_DIR) && ../$(PY) ../recons.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_PRESET) --overwrite
-	cd $(DEMO_DIR) && ../$(PY) ../metrics.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_PRESET)
+	cd $(DEMO_DIR) && ../$(PY) ../metrics.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_PRESET) --null_pool 100
 	cd $(DEMO_DIR) && ../$(PY) ../draw_pics.py $(DEMO_FLAGS) --tlr 1e-2 $(DEMO_PRESET) --sort ssim
 
 # theta0 is pretrained on 5,000 other Fashion-MNIST images first (cached in $(DEMO_RESNET_DIR)/ckpts/pretrained).
@@ -48,7 +48,7 @@ demo-resnet: venv fashion-mnist
 	@mkdir -p $(DEMO_RESNET_DIR)
 	cd $(DEMO_RESNET_DIR) && ../$(PY) ../train.py $(DEMO_RESNET_FLAGS) --lr 1e-2 --overwrite
 	cd $(DEMO_RESNET_DIR) && ../$(PY) ../recons.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET) $(DEMO_RESNET_LENGTH) --overwrite
-	cd $(DEMO_RESNET_DIR) && ../$(PY) ../metrics.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET)
+	cd $(DEMO_RESNET_DIR) && ../$(PY) ../metrics.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET) --null_pool 100
 	cd $(DEMO_RESNET_DIR) && ../$(PY) ../draw_pics.py $(DEMO_RESNET_FLAGS) --tlr 1e-2 $(DEMO_RESNET_PRESET) --sort ssim
 
 clean-demo:

@@ -41,17 +41,36 @@ def tile_scale(scale, height):
     return scale if scale else max(1, math.ceil(MIN_TILE_PX / height))
 
 
+FRAME = (0.0, 0.8, 0.0)  # the colour around a reconstruction nearer its training image than every pool image
+
+
+def framed(images, marked, width):
+    """RGB copies of images (N×C×H×W, C = 1 or 3) with a `width`-pixel FRAME around those marked."""
+    rgb = images.expand(-1, 3, -1, -1).clone()
+    colour = torch.tensor(FRAME).view(3, 1, 1)
+    for i in marked.nonzero().flatten().tolist():
+        for edge in (slice(0, width), slice(-width, None)):
+            rgb[i, :, edge, :] = colour
+            rgb[i, :, :, edge] = colour
+    return rgb
+
+
 def draw_reconstruction(matched, sort, per_row, path, scale=1):
-    """The Figure 1 grid; each image enlarged `scale` times by nearest neighbour (pixels stay pixels)."""
+    """The Figure 1 grid; each image enlarged `scale` times by nearest neighbour (pixels stay pixels). With
+    metrics.py --null_pool, the reconstructions nearer their training image than every image never trained
+    on are framed in green: the ones that show their image, not their class."""
     from torchvision.utils import save_image
     order = torch.arange(len(matched["train"]))
     if sort == "ssim":
         order = torch.argsort(matched["ssim"], descending=True, stable=True)
     train = denormalise(matched["train"][order].float(), matched["mean"], matched["std"])
     recons = denormalise(matched["recons"][order].float(), matched["mean"], matched["std"])
-    grid = figure_rows(recons, train, per_row)
     if scale > 1:
-        grid = F.interpolate(grid, scale_factor=scale, mode="nearest")
+        train, recons = (F.interpolate(t, scale_factor=scale, mode="nearest") for t in (train, recons))
+    if "nearer_than_pool" in matched:
+        recons = framed(recons, matched["nearer_than_pool"][order], max(1, scale))
+        train = train.expand(-1, 3, -1, -1)
+    grid = figure_rows(recons, train, per_row)
     save_image(grid, path, nrow=per_row, padding=2, pad_value=1.0)
     return path
 

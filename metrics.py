@@ -15,13 +15,14 @@ import os
 import torch
 from scipy.stats import spearmanr
 
-from simudy.data import denormalise
+from simudy.data import denormalise, images_never_trained_on
 from simudy.errors import UserError
 from simudy.exposure import check_shares_apply, image_shares
 from simudy.flags import add_metrics_args, parse_with_preset, pick_device
 from simudy.runs import (CONFIG, THETA0, TRAIN_SUBSET, list_snapshots, load_checkpoint, metrics_dir_from_args, read_json,
                          recorded_train_dir, snapshot_path_from_args, write_csv, write_json)
-from simudy.scoring import SSIM_GOOD, label_agreement, lpips_mean, match_by_ssim, psnr_per_pair, ssim_matrix
+from simudy.scoring import (SSIM_GOOD, label_agreement, lpips_mean, match_by_ssim, nearest_in_pool, null_baseline,
+                            psnr_per_pair, ssim_matrix)
 from simudy.target import load_training_run, loss_per_image
 from utils import run_main
 
@@ -116,10 +117,34 @@ def parse_args(argv=None):
     parser.add_argument("--image_shares", action="store_true",
                         help="also each training image's part of theta0 - theta_final (the training replayed"
                              " image by image: ~the training's cost per image; README, 'Which images come back')")
+    parser.add_argument("--null_pool", default=0, type=int, metavar="K",
+                        help="also score K images per class that the network never trained on (the training's"
+                             " dataset, outside its subset and theta0's pretraining): the average SSIM of such"
+                             " images matched as if they were reconstructions (the null baseline), and how many"
+                             " reconstructions are nearer their training image than every pool image (README,"
+                             " 'Is an SSIM evidence of memory?')")
     return parse_with_preset(parser, argv)
 
 
+def memory_test(args, train_dir, train, labels, recons, matched_ssim, recon_idx, device):
+    """--null_pool's numbers (None without it): the null baseline and, per matched pair, the reconstruction's
+    highest SSIM to a pool image and whether its training image beats it."""
+    if not args.null_pool:
+        return None, None
+    pool, pool_labels, note = images_never_trained_on(read_json(os.path.join(train_dir, CONFIG), "training run"),
+                                                      args.data_root, args.null_pool)
+    if note:
+        print(f"note: {note}")
+    null = null_baseline(ssim_matrix(train.to(device), pool.to(device)).cpu(), labels, pool_labels, args.matching)
+    nearest, nearer = nearest_in_pool(matched_ssim, ssim_matrix(pool.to(device), recons[recon_idx].to(device)).cpu())
+    return {"per_class": args.null_pool, "pool_size": len(pool), "note": note,
+            "null_ssim": None if null is None else null[0], "null_ssim_range": None if null is None else null[1:],
+            "nearer_than_pool": int(nearer.sum()), "matched": len(nearer)}, (nearest, nearer)
+
+
 def main(args):
+    if args.null_pool < 0:
+        raise UserError(f"--null_pool {args.null_pool} must be >= 0 (images per class; 0: off)")
     device = pick_device(args.device)
     subset, snap, snapshot_path, train_dir = load_inputs(args)
     run = training_run_or_none(train_dir, device, args.image_shares)
@@ -146,6 +171,9 @@ def main(args):
     shares = (None if not args.image_shares else
               [t.cpu() for t in image_shares(run, train_on_device, labels_on_device)])
     ssim_per_train = torch.zeros(n_train).index_put_((train_idx,), matched_ssim.float())
+    memory, pool_test = memory_test(args, train_dir, train, subset["labels"], recons, matched_ssim, recon_idx,
+                                    device)
+    nearest_pool, nearer_pool = (None, None) if pool_test is None else pool_test
 
     metrics = {
         "avg_ssim": float(matched_ssim.sum() / n_train),  # paper: unmatched images count 0
@@ -164,6 +192,7 @@ def main(args):
         # which images come back: those theta0 got wrong (high loss), or all alike (None: no theta0)
         "ssim_by_theta0_loss": ssim_by_theta0_loss(ssim_per_train, loss0),
         "spearman_ssim_share": None if shares is None else float(spearmanr(ssim_per_train, shares[0]).statistic),
+        **({} if memory is None else {"null_pool": memory}),
     }
 
     os.makedirs(out_dir, exist_ok=True)
@@ -173,16 +202,17 @@ def main(args):
             if name.endswith(".png"):
                 os.remove(os.path.join(out_dir, sub, name))
     write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_labels, recon_ids,
-                  train_px, recons_px, loss0, shares)
+                  train_px, recons_px, loss0, shares, nearest_pool)
     torch.save({"train": train_m, "recons": recons_m, "ssim": matched_ssim.float(),
                 "train_index": train_idx, "recon_index": recon_ids[recon_idx],
-                "mean": mean, "std": std, "matching": args.matching, "snapshot": snapshot_path},
+                "mean": mean, "std": std, "matching": args.matching, "snapshot": snapshot_path,
+                **({} if nearer_pool is None else {"nearer_than_pool": nearer_pool})},  # draw_pics.py frames them
                os.path.join(out_dir, "matched.pth"))
     return metrics
 
 
 def write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_labels, recon_ids,
-                  train_px, recons_px, loss0, shares):
+                  train_px, recons_px, loss0, shares, nearest_pool=None):
     from torchvision.utils import save_image
     write_json(os.path.join(out_dir, "metrics.json"), metrics)
     rows = [{"train_index": i, "dataset_index": int(subset["indices"][i]),
@@ -195,9 +225,11 @@ def write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_
         rows[t].update(recon_index=int(recon_ids[r]), ssim=f"{float(matched_ssim[k]):.6f}",
                        psnr=f"{float(psnr_px[k]):.4f}",
                        recon_label="" if recon_labels is None else int(recon_labels[r]))
+        if nearest_pool is not None:
+            rows[t]["nearest_pool_ssim"] = f"{float(nearest_pool[k]):.6f}"
     write_csv(os.path.join(out_dir, "per_image.csv"), rows,
               ["train_index", "dataset_index", "recon_index", "label", "recon_label", "ssim", "psnr",
-               "loss_theta0", "share", "share_cos"])
+               "loss_theta0", "share", "share_cos"] + ([] if nearest_pool is None else ["nearest_pool_ssim"]))
     for k in range(len(pairs)):
         save_image(train_px[k], os.path.join(out_dir, "ori", f"{k}.png"))
         save_image(recons_px[k], os.path.join(out_dir, "recover", f"{k}.png"))
@@ -224,11 +256,21 @@ def write_outputs(out_dir, metrics, subset, pairs, matched_ssim, psnr_px, recon_
         *([] if metrics["spearman_ssim_share"] is None else
           [f"SSIM by the training image's part of theta0 - theta_final (--image_shares): Spearman"
            f" {metrics['spearman_ssim_share']:.2f}"]),
+        *([] if "null_pool" not in metrics else [null_pool_text(metrics["null_pool"], metrics["n_train"])]),
         f"written to: {out_dir}",
     ])
     with open(os.path.join(out_dir, "summary.txt"), "w") as f:
         f.write(summary + "\n")
     print(summary)
+
+
+def null_pool_text(memory, n_train):
+    null = ("no class has enough pool images" if memory["null_ssim"] is None else
+            f"{memory['null_ssim']:.4f} ({memory['null_ssim_range'][0]:.3f}-{memory['null_ssim_range'][1]:.3f} over"
+            f" draws)")
+    return (f"images never trained on ({memory['pool_size']}, --null_pool {memory['per_class']}): matched as if they"
+            f" were reconstructions, avg SSIM {null}; reconstructions nearer their training image than every pool"
+            f" image: {memory['nearer_than_pool']}/{n_train}")
 
 
 if __name__ == "__main__":

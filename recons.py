@@ -73,6 +73,11 @@ def check_args(args):
                         " --rlr/--rbs (printed, and in auto_search.csv) with --grid_search or --resume")
     if auto and args.auto_criterion == "norm" and args.num_dummy is not None:
         raise UserError(NORM_NEEDS_TRUE_N)
+    if not 0 <= args.steps_epochs < args.rec_epochs:
+        raise UserError(f"--steps_epochs {args.steps_epochs}: pass 0 (--steps throughout) or fewer outer epochs"
+                        f" than --rec_epochs {args.rec_epochs}")
+    if args.norm_iterations < 1:
+        raise UserError(f"--norm_iterations {args.norm_iterations} must be at least 1")
     check_reparam_flags(args)
     if args.num_dummy is not None and args.num_dummy < 1:
         raise UserError(f"--num_dummy {args.num_dummy} must be at least 1")

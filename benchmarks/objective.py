@@ -13,6 +13,12 @@ the global match loss instead: on a smooth objective the draws agree and the mea
 rugged one (a training whose dynamics amplify small input changes) one sigma gives losses that differ
 several-fold between draws and the mean need not grow with sigma.
 
+--sim_epochs E ... prints instead the match loss of the truth and of each snapshot when E of the training's
+epochs are simulated (recons.py's --steps E; with fewer than the training's the truth is no longer the
+minimum), the first --sigmas row above 0 as a perturbed truth, and --clips C ... adds columns with every
+simulated gradient longer than C rescaled to C (recons.py's --clip_norm C --clip_to C); it also prints the
+true training's gradient norms, which a clip above them leaves unchanged at the truth.
+
 --bn_prior adds a column with the BatchNorm prior of recons.py's --bn_prior (unweighted, at theta0, over
 batches of the training's batch size) of each row's images: where the truth sits on the prior against
 the noise and a reconstruction. --snapshots FILE ... adds a row per recons.py snapshot (its images with
@@ -20,8 +26,10 @@ its labels, SSIM after matching as metrics.py), so the truth and a run's end are
 
     python benchmarks/objective.py --train_dir benchmarks/runs/D/ckpts/model_ckpt/<run>
     python benchmarks/objective.py --train_dir <run> --sigmas 0 0.1 1 --bn_prior --snapshots <recons>/3_374.pth
+    python benchmarks/objective.py --train_dir <run> --sim_epochs 8 12 20 --clips 5 8 --snapshots <recons>/3_324.pth
 """
 import argparse
+import math
 import os
 import sys
 
@@ -34,7 +42,7 @@ from simudy.method import BatchNormPrior, match_loss  # noqa: E402
 from simudy.runs import load_checkpoint  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.search import simulated_change  # noqa: E402
-from simudy.simulate import flat, sgd_config_from_training  # noqa: E402
+from simudy.simulate import flat, loss_gradient, sgd_config_from_training  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
 
 
@@ -48,6 +56,10 @@ def parse_args(argv=None):
                    help="noise draws per sigma; > 1 prints the match loss's mean, min and max over them")
     p.add_argument("--bn_prior", action="store_true",
                    help="add a column with each row's BatchNorm prior at theta0 (recons.py's --bn_prior, unweighted)")
+    p.add_argument("--sim_epochs", type=int, nargs="+", default=[], metavar="E",
+                   help="the match loss with E simulated epochs, for the truth and each snapshot (see above)")
+    p.add_argument("--clips", type=float, nargs="+", default=[], metavar="C",
+                   help="with --sim_epochs: also with the simulated gradients clipped at norm C")
     p.add_argument("--snapshots", nargs="+", default=[], metavar="FILE",
                    help="recons.py snapshots (<recons_dir>/<epoch>_<step>.pth) to add as rows, with their labels")
     return p.parse_args(argv)
@@ -120,11 +132,50 @@ def match_over_draws(run, x_true, y_true, sigmas, seed, draws):
     return rows
 
 
+def true_gradient_norms(run, x, y):
+    """The norm of each step's gradient in the true training (replayed on the true images)."""
+    lr, bs, epochs = training(run)
+    sgd = sgd_config_from_training(run.config["args"], lr)
+    run.model.train(sgd.bn_train)
+    params, norms = {k: v.detach() for k, v in run.theta0.items()}, []
+    for _ in range(epochs):
+        for xb, yb in zip(x.split(bs), y.split(bs)):
+            params = {k: v.requires_grad_(True) for k, v in params.items()}
+            grads = loss_gradient(run.model, params, dict(run.buffers), xb, yb, sgd, create_graph=False)
+            norms.append(float(torch.sqrt(sum(g.pow(2).sum() for g in grads))))
+            params = {k: (p - lr * g).detach() for (k, p), g in zip(params.items(), grads)}
+    return norms
+
+
+def epochs_table(run, rows, sim_epochs, clips):
+    """Per row (name, images, labels): the match loss with each number of simulated epochs, unclipped and
+    with each clip."""
+    lr, bs, _ = training(run)
+    columns = [(e, c) for e in sim_epochs for c in [math.inf, *clips]]
+    print("| images | SSIM | " + " | ".join(f"{e} epochs" + ("" if c == math.inf else f", clip {c:g}")
+                                         for e, c in columns) + " |\n|" + "---|" * (len(columns) + 2))
+    table = []
+    for name, x, labels in rows:
+        losses = [match_loss(flat(simulated_change(run, x, labels, lr, bs, e, c).values()), run.weight_change,
+                             "cos").item() for e, c in columns]
+        table.append({"images": str(name), "ssim": paper_avg_ssim(rows[0][1], x),
+                      "losses": {f"{e}/{c:g}": v for (e, c), v in zip(columns, losses)}})
+        print(f"| {name} | {table[-1]['ssim']:.3f} | " + " | ".join(f"{v:.4f}" for v in losses) + " |", flush=True)
+    return table
+
+
 def main(args):
     torch.set_num_threads(args.threads)
     run = load_training_run(args.train_dir, "cpu")
     subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
     x_true, y_true = subset["images"], subset["labels"]
+    if args.sim_epochs:
+        norms = true_gradient_norms(run, x_true, y_true)
+        print(f"true training: {len(norms)} steps, gradient norm {min(norms):.2f}-{max(norms):.2f}")
+        noise = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(args.seed))
+        perturbed = [s for s in args.sigmas if s > 0][:1]
+        return epochs_table(run, rows_to_score(x_true, y_true, [0] + perturbed, noise, args.snapshots),
+                            args.sim_epochs, args.clips)
     if args.draws > 1:
         return match_over_draws(run, x_true, y_true, [s for s in args.sigmas if s > 0], args.seed, args.draws)
     true_change = {n: run.theta0[n] - run.theta_final[n] for n in run.theta0}

@@ -42,7 +42,8 @@ from simudy.flags import pick_device  # noqa: E402
 from simudy.method import initial_dummies, rank_dummies, simudy_setup  # noqa: E402
 from simudy.runs import RANKING, TRAIN_SUBSET, list_snapshots, resolve_rec_lr, train_run_name  # noqa: E402
 from simudy.scoring import match_by_ssim, paper_avg_ssim, ssim_matrix  # noqa: E402
-from simudy.search import change_agreement, lr_matching_norm, norm_choice, norm_search_dummies, short_run  # noqa: E402
+from simudy.search import (NORM_MATCH_ITERATIONS, change_agreement, lr_matching_norm, norm_choice,  # noqa: E402
+                           norm_search_dummies, short_run)
 from simudy.target import load_training_run, loss_per_image  # noqa: E402
 
 RUNS = os.path.join(ROOT, "benchmarks", "runs", "unknowns")
@@ -90,8 +91,11 @@ def parse_args(argv=None):
     p.add_argument("--rank_clip_epochs", type=int, default=None,
                    help="outer epochs with the paper's clip in the rank part (default: its recipe's; on D the"
                         " dummies' simulation diverges once a 1-epoch clip ends)")
+    p.add_argument("--norm_iters", type=int, default=NORM_MATCH_ITERATIONS,
+                   help="the norm part's reconstruction before the norm match (--norm_iterations); rows of another"
+                        " length get their own keys")
     p.add_argument("--redo", action="store_true",
-                   help="recompute the rank rows asked for even if results/unknowns.json has them (a"
+                   help="recompute the rank and norm rows asked for even if results/unknowns.json has them (a"
                         " reconstruction still in benchmarks/runs/unknowns is reused)")
     p.add_argument("--table", action="store_true", help="print the tables of results/unknowns.json and exit")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
@@ -185,14 +189,15 @@ def paper_selection(run, args, true_lr, true_bs, device):
 # The parts
 
 
-def row_key(part, config, lr, bs):
-    return f"{part}/{config}/lr{lr:g}/bs{bs}"
+def row_key(part, config, lr, bs, suffix=""):
+    return f"{part}/{config}/lr{lr:g}/bs{bs}{suffix}"
 
 
-def open_row(part, config, lr, bs, device):
-    """(key, training folder, TrainingRun) of a part's row, or None when the row is done or train.py refused."""
-    key = row_key(part, config, lr, bs)
-    if done(key):
+def open_row(part, config, lr, bs, device, suffix="", redo=False):
+    """(key, training folder, TrainingRun) of a part's row, or None when the row is done (and not redone) or
+    train.py refused."""
+    key = row_key(part, config, lr, bs, suffix)
+    if done(key) and not redo:
         return None
     train_dir = train(config, lr, bs)
     return None if train_dir is None else (key, train_dir, load_training_run(train_dir, device))
@@ -224,16 +229,17 @@ def part_select(config, lr, bs, device):
               "seconds": time.time() - started})
 
 
-def part_norm(config, lr, bs, device):
+def part_norm(config, lr, bs, device, iters=NORM_MATCH_ITERATIONS, redo=False):
     """recons.py's --auto_criterion norm (simudy.search.norm_search, the fast preset's recipe) on one
     training run: lr with bs known, and both unknown; plus the norm match at the noise start (no
     reconstruction first), which shows why the reconstruction comes first."""
-    opened = open_row("norm", config, lr, bs, device)
+    suffix = "" if iters == NORM_MATCH_ITERATIONS else f"_iters{iters}"  # the default's rows keep their keys
+    opened = open_row("norm", config, lr, bs, device, suffix, redo)
     if opened is None:
         return
     key, train_dir, run = opened
     data, epochs = run.config["data"], run.config["args"]["epochs"]
-    args = reconstruction_args(preset=PRESET[config])
+    args = reconstruction_args(preset=PRESET[config], norm_iterations=iters)
     args.steps, args.rec_lr = epochs, resolve_rec_lr(args, "simudy")
     train_x, _ = true_subset(train_dir)
     started = time.time()
@@ -244,7 +250,7 @@ def part_norm(config, lr, bs, device):
     x0, labels0, _ = initial_dummies(data["num_images"], data["image_shape"], data["num_classes"], 0, device)
     at_noise = lr_matching_norm([t for t in candidate_table(run, x0.detach(), labels0, epochs) if t["rbs"] == bs])
     save_row({"key": key, "part": "norm", "config": config, "preset": PRESET[config], "true_lr": lr, "true_bs": bs,
-              "seconds": seconds,
+              "seconds": seconds, "norm_iterations": iters, "dummies_ssim": paper_avg_ssim(train_x, x.cpu()),
               "known_bs": {"lr": known_bs[0]["rlr"], "table": known_bs[1:]},
               "both": {"lr": both[0]["rlr"], "bs": both[0]["rbs"], "picks": both[1:1 + len(CANDIDATE_BS)]},
               "at_noise_lr": at_noise})
@@ -407,14 +413,22 @@ def print_tables(rows):
                   " the share of them in the top N, and the training images' loss at theta0")
             print("| config | N | iterations | precision (paper) | recovered | recovered in top N: paper "
                   f"| class_balanced | images with loss at theta0 < {FITTED_LOSS} | their mean SSIM "
-                  "| the others' mean SSIM |")
-            print("|---" * 10 + "|")
+                  "| the others' mean SSIM | the others' dummies in the paper's top N |")
+            print("|---" * 11 + "|")
             for r in sorted(detailed, key=lambda r: (r["config"], r["N"], iterations(r))):
                 fitted = [i["ssim"] for i in r["images"] if i["loss_theta0"] < FITTED_LOSS]
-                rest = [i["ssim"] for i in r["images"] if i["loss_theta0"] >= FITTED_LOSS]
+                rest = [i for i in r["images"] if i["loss_theta0"] >= FITTED_LOSS]
                 print(f"| {r['config']} | {r['N']} | {iterations(r)} | {r['precision_last']:.2f} | {r['recovered']} | "
                       f"{r['recovered_kept_last']:.2f} | {r['recovered_kept_balanced']:.2f} | {len(fitted)} | "
-                      f"{mean_or_nan(fitted):.3f} | {mean_or_nan(rest):.3f} |")
+                      f"{mean_or_nan(fitted):.3f} | {mean_or_nan([i['ssim'] for i in rest]):.3f} | "
+                      f"{held_in_top(rest, r['N'])} |")
+
+
+def held_in_top(images, n):
+    """'k/m (share)': of the training images theta0 did not yet fit (the ones theta0 - theta_f holds), how many
+    have their matched dummy in the paper ranking's top n."""
+    kept = sum(i["rank"] < n for i in images)
+    return f"{kept}/{len(images)} ({kept / len(images):.2f})" if images else "-"
 
 
 def mean_or_nan(values):
@@ -442,8 +456,13 @@ def main(args):
                 continue
             for bs in args.true_bs:
                 for lr in args.true_lrs:
-                    {"truth": part_truth, "select": part_select, "norm": part_norm}[part](config, lr, bs, device)
-                    state = "done" if done(row_key(part, config, lr, bs)) else "not done (see above)"
+                    suffix = ""
+                    if part == "norm":
+                        part_norm(config, lr, bs, device, args.norm_iters, args.redo)
+                        suffix = "" if args.norm_iters == NORM_MATCH_ITERATIONS else f"_iters{args.norm_iters}"
+                    else:
+                        {"truth": part_truth, "select": part_select}[part](config, lr, bs, device)
+                    state = "done" if done(row_key(part, config, lr, bs, suffix)) else "not done (see above)"
                     print(f"{part} {config} lr {lr:g} bs {bs} {state}", flush=True)
     print_tables(load_results())
 

@@ -25,11 +25,11 @@ from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_ru
                     pick_device, preset_flags_off, preset_values, set_seed)
 from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
 from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers, simudy_setup,
-                     total_gradient_norms)
+                     simulated_epochs, total_gradient_norms)
 from .reparam import coarse_stage, pyramid_dummies
 from .runs import (AUTO, CONFIG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
                    write_csv, write_json)
-from .search import (GRID_SEARCH_STEPS, NORM_MATCH_ITERATIONS, auto_search, best_start, norm_search, plot_auto_search,
+from .search import (GRID_SEARCH_STEPS, auto_search, best_start, norm_search, plot_auto_search,
                      search_candidates, short_run)
 from .target import training_config, training_run_from_states
 
@@ -182,7 +182,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
                                        args.rbs_candidates)
         if args.auto_criterion == "norm":
             search = norm_search(run, args, candidates, num_dummy, device, train_images)
-            why = f"the true change's norm after {NORM_MATCH_ITERATIONS} iterations"
+            why = f"the true change's norm after {args.norm_iterations} iterations"
         else:
             search = auto_search(run, args, candidates, num_dummy, args.rec_lr, device, train_images)
             why = f"lowest loss after {GRID_SEARCH_STEPS} steps"
@@ -221,7 +221,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         if args.auto_criterion == "loss":
             plot_auto_search(search, os.path.join(run_dir, "auto_search.png"))
         config["auto_search"] = {"criterion": args.auto_criterion, "chosen": {"rlr": rlr, "rbs": rbs},
-                                 "steps": GRID_SEARCH_STEPS if args.auto_criterion == "loss" else NORM_MATCH_ITERATIONS,
+                                 "steps": GRID_SEARCH_STEPS if args.auto_criterion == "loss" else args.norm_iterations,
                                  "candidates": search}
     if restarts:
         config["restarts"] = {"iterations": args.restart_iterations, "starts": restarts}
@@ -243,8 +243,8 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     def write_snapshot(iteration):
         epoch, step = divmod(iteration, args.rec_steps_per_epoch)
         if args.num_dummy:  # the unknown-N ranking; the simulation's sgd, clip off
-            norms = total_gradient_norms(run.model, run.theta0, run.buffers, x, labels, setup.rbs, setup.epochs,
-                                         setup.sgd)
+            norms = total_gradient_norms(run.model, run.theta0, run.buffers, x, labels, setup.rbs,
+                                         simulated_epochs(setup, epoch), setup.sgd)
             ranked.update(ranking=rank_dummies(norms, labels if args.ranking == "class_balanced" else None),
                           grad_norms=norms)
         return save_snapshot(run_dir, epoch, x, labels, epoch, step, **ranked)

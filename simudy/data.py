@@ -228,6 +228,27 @@ def load_subset(dataset, data_root, num_imgs_per_class, offset=0, exclude=(), st
             "num_classes": num_classes}
 
 
+def images_never_trained_on(train_config, data_root, per_class):
+    """(images, labels, note): `per_class` images of each class of the training's dataset that neither its
+    fine-tuning nor theta0's pretraining by train.py used (which took the first --pretrain_imgs per class
+    outside the subset; excluded whenever theta0 was not a random init), normalised as the training's.
+    note says when theta0 came from a file whose data no one recorded."""
+    args, data = train_config["args"], train_config["data"]
+    images, targets, _ = load_dataset(args["dataset"], data_root)
+    num_classes = data["num_classes"]
+    used = first_k_per_class(targets, args["num_imgs_per_class"], num_classes, args.get("offset", 0))
+    theta0 = str(train_config.get("theta0", ""))
+    if not theta0.startswith("random"):
+        used += first_k_per_class(targets, args.get("pretrain_imgs", 0), num_classes, 0, exclude=used, strict=False)
+    pool = first_k_per_class(targets, per_class, num_classes, 0, exclude=used, strict=False)
+    if not pool:
+        raise UserError(f"{args['dataset']} has no image outside the training and pretraining; lower --null_pool")
+    note = (f"theta0 came from {theta0}, whose data is not recorded: the pool may hold images it saw"
+            if args.get("pretrained") and theta0 == args["pretrained"] else None)
+    mean, std = data["mean"], data["std"]
+    return to_normalised_tensor(images, pool, mean, std), torch.tensor([targets[i] for i in pool]), note
+
+
 def denormalise(x, mean, std):
     """Normalised N×C×H×W -> pixel space [0, 1] (clamped)."""
     mean = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)

@@ -15,6 +15,7 @@ from .data import DATASETS
 from .errors import UserError
 from .loop import SAVE_EVERY
 from .runs import AUTO
+from .search import NORM_MATCH_ITERATIONS
 
 METHODS = ("simudy", "one_step", "two_step")
 
@@ -163,6 +164,10 @@ def add_recons_id_args(parser):
     g.add_argument("--steps", default=8, type=int,
                    help="simulated epochs (paper code default 8); 0 = the training's epochs, as the paper's"
                         " text (the fast preset's choice)")
+    g.add_argument("--steps_epochs", default=0, type=int,
+                   help="simulate --steps epochs in the first N outer epochs only, then all of the training's"
+                        " epochs: cheap early, and at the end a loss whose optimum is the true images (with"
+                        " fewer epochs it is not); 0 = --steps throughout")
     g.add_argument("--rbs", default=0, type=number_or_auto(int),
                    help="simulation batch size; 0 = the training's --bs; auto (recons.py) = chosen by short runs")
     g.add_argument("--rlr", default=0, type=number_or_auto(float),
@@ -280,8 +285,11 @@ def add_reconstruction_args(p):
     g = p.add_argument_group("--rlr auto / --rbs auto (the paper's selection, in-process)")
     g.add_argument("--auto_criterion", default="loss", choices=["loss", "norm"],
                    help="loss (paper preset): the paper's, the lowest loss after a 50-step run per candidate; norm"
-                        " (fast, resnet presets): a 200-iteration reconstruction, then the lr whose simulated change"
+                        " (fast, resnet presets): a --norm_iterations reconstruction, then the lr whose simulated change"
                         " has the true change's norm (README, 'Unknown lr, batch size and N'; needs the true N)")
+    g.add_argument("--norm_iterations", default=NORM_MATCH_ITERATIONS, type=int,
+                   help="--auto_criterion norm: iterations of the reconstruction before the norm match (the"
+                        " dummies' gradients approach the images' as they converge)")
     g.add_argument("--rlr_candidates", default=None, type=float, nargs="+",
                    help="simulation lrs to try; default the paper's 0.020 down to 0.001 in steps of 0.001")
     g.add_argument("--rbs_candidates", default=None, type=int, nargs="+",

@@ -204,6 +204,14 @@ class SimuDySetup:
     reparam: object = None         # what Adam moves instead of the dummies (reparam.py): a CoarseStage
     #                                (--coarse) or PyramidDummies (--pyramid); the main run only, never a short run
     chroma_tv: float = 0.0         # --chroma_tv's weight
+    steps_epochs: int = 0          # --steps_epochs: outer epochs that simulate `epochs`; after them, full_epochs
+    full_epochs: int = 0           # the training's epochs
+
+
+def simulated_epochs(setup, epoch):
+    """How many of the training's epochs outer epoch `epoch` simulates: --steps, or with --steps_epochs N
+    all of them from outer epoch N on."""
+    return setup.full_epochs if setup.steps_epochs and epoch >= setup.steps_epochs else setup.epochs
 
 
 def simudy_log_fields(setup):
@@ -224,8 +232,12 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
     """(SimuDySetup, bytes the unrolled graph would need or None) for this rlr/rbs and the flags."""
     train_args = run.config["args"]
     sgd = sgd_config_from_training(train_args, rlr)
+    if args.steps_epochs and not args.steps < train_args["epochs"]:
+        raise UserError(f"--steps_epochs {args.steps_epochs} switches from --steps {args.steps} to the training's"
+                        f" {train_args['epochs']} epochs; pass --steps below that, or --steps_epochs 0")
+    most_epochs = train_args["epochs"] if args.steps_epochs else args.steps  # the graph's size at its largest
     backprop, graph_bytes = choose_backprop(args.backprop, run.model, run.theta0, run.buffers, x, labels, rbs,
-                                            args.steps, sgd)
+                                            most_epochs, sgd)
     bn_prior = None
     if args.bn_prior:
         bn_prior = BatchNormPrior(run.model, run.buffers)
@@ -237,7 +249,8 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
                        args.clip_epochs, args.rec_steps_per_epoch, args.tv_weight, args.loss_type, backprop,
                        args.keep_every, bn_prior, args.bn_prior, math.ceil(args.bn_prior_until * total),
                        pixel_box(run.config["data"], x.device) if args.box else None, args.signed_grad,
-                       chroma_tv=args.chroma_tv), graph_bytes
+                       chroma_tv=args.chroma_tv, steps_epochs=args.steps_epochs,
+                       full_epochs=train_args["epochs"]), graph_bytes
 
 
 def adam_with_schedule(tensors, lr, t_max=None, lr_lambda=None):
@@ -297,7 +310,7 @@ def simudy_iteration(setup, x, labels, opt, sched, iteration):
     sgd = setup.clipped_sgd if epoch < setup.clip_epochs else setup.sgd  # the paper's clip, early epochs only
     bn_weight = setup.bn_weight if iteration < setup.bn_until else 0.0
     loss, match, tv, grad_x = reconstruction_loss_and_grad(
-        run.model, run.theta0, run.buffers, x, labels, run.weight_change, setup.rbs, setup.epochs, sgd,
+        run.model, run.theta0, run.buffers, x, labels, run.weight_change, setup.rbs, simulated_epochs(setup, epoch), sgd,
         setup.tv_weight, setup.loss_type, setup.backprop, setup.keep_every, setup.bn_prior, bn_weight)
     if setup.chroma_tv:  # a prior on the dummies alone, outside the simulation: its own small graph
         with torch.enable_grad():

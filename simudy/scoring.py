@@ -138,3 +138,37 @@ def paper_avg_ssim(train_images, recons, method="greedy"):
     """The paper's number: SSIM matching, matched sum over the number of training images (unmatched count 0)."""
     ssim = ssim_matrix(train_images, recons)
     return float(sum(ssim[r, c] for r, c in match_by_ssim(ssim, method)) / len(train_images))
+
+
+# ----------------------------------------------------------------------------------------------
+# Is an SSIM evidence of memory? Two answers from images the network never trained on (metrics.py --null_pool)
+
+
+NULL_DRAWS = 20  # disjoint draws from the pool averaged for the null baseline
+
+
+def null_baseline(ssim_train_pool, train_labels, pool_labels, method="greedy"):
+    """The paper's average SSIM of "reconstructions" that know the labels and the data's distribution but
+    nothing of the training images: for each draw, as many pool images of each class as the training has,
+    disjoint between draws (up to NULL_DRAWS). ssim_train_pool: the N x P SSIM matrix of the training images
+    with the pool. Returns (mean, lowest, highest) over the draws, or None when no class has enough."""
+    need = {int(c): int((train_labels == c).sum()) for c in train_labels.unique()}
+    members = {c: (pool_labels == c).nonzero().flatten() for c in need}
+    draws = min([len(members[c]) // k for c, k in need.items()] + [NULL_DRAWS])
+    if draws < 1:
+        return None
+    scores = []
+    for d in range(draws):
+        chosen = torch.cat([members[c][d * k:(d + 1) * k] for c, k in need.items()])
+        sub = ssim_train_pool[:, chosen]
+        scores.append(float(sum(sub[r, c] for r, c in match_by_ssim(sub, method)) / len(train_labels)))
+    return sum(scores) / len(scores), min(scores), max(scores)
+
+
+def nearest_in_pool(matched_ssim, ssim_pool_recons):
+    """Per matched reconstruction, its highest SSIM to any pool image (ssim_pool_recons: P x K, the pool as
+    the reference side, as the training images are in the matching) and whether its own training image
+    scores higher: a reconstruction nearer its training image than every image never trained on shows
+    that image, not the class."""
+    nearest = ssim_pool_recons.max(0).values
+    return nearest, matched_ssim > nearest

@@ -92,10 +92,10 @@ NORM_NEEDS_TRUE_N = ("--auto_criterion norm (the fast and resnet presets' choice
                      " (the change's norm grows with it); drop --num_dummy, or use --auto_criterion loss")
 
 
-def simulated_change(run, x, labels, lr, bs, epochs):
+def simulated_change(run, x, labels, lr, bs, epochs, clip_norm=math.inf):
     """theta0 - theta_hat_final per parameter name of the training simulated on (x, labels) at (lr, bs),
-    without a graph."""
-    sgd = sgd_config_from_training(run.config["args"], lr)
+    without a graph; with clip_norm, each simulated gradient longer than it rescaled to it."""
+    sgd = sgd_config_from_training(run.config["args"], lr, clip_norm, clip_norm)
     batches = list(zip(x.detach().split(bs), labels.split(bs)))
     with torch.enable_grad():  # each simulated step differentiates the training loss w.r.t. the parameters
         _, change, _ = simulate_training(run.model, run.theta0, run.buffers, batches, epochs, sgd, create_graph=False)
@@ -111,10 +111,15 @@ def change_agreement(run, x, labels, lr, bs, epochs):
 
 def lr_matching_norm(rows):
     """The lr at which the log norm ratio crosses 0, interpolated in log lr between the two candidates that
-    bracket it (the ratio rises with lr); the nearer end of the candidates when none does."""
-    line = sorted(rows, key=lambda r: r["rlr"])
+    bracket it (the ratio rises with lr); the nearer end of the candidates when none does. A candidate whose
+    simulation diverged (ratio nan or inf) counts as infinitely long, so the bracket below it ends at the
+    last finite candidate, which is returned."""
+    line = [{**r, "log_norm_ratio": r["log_norm_ratio"] if math.isfinite(r["log_norm_ratio"]) else math.inf}
+            for r in sorted(rows, key=lambda r: r["rlr"])]
     for a, b in zip(line, line[1:]):
         if a["log_norm_ratio"] <= 0 <= b["log_norm_ratio"]:
+            if math.isinf(b["log_norm_ratio"]):
+                return a["rlr"]
             t = -a["log_norm_ratio"] / max(1e-12, b["log_norm_ratio"] - a["log_norm_ratio"])
             return float(math.exp(math.log(a["rlr"]) + t * (math.log(b["rlr"]) - math.log(a["rlr"]))))
     return line[0]["rlr"] if line[0]["log_norm_ratio"] > 0 else line[-1]["rlr"]
@@ -128,7 +133,7 @@ def norm_search(run, args, candidates, num_dummy, device, train_images=None):
 
 
 def norm_search_dummies(run, args, candidates, num_dummy, device, train_images=None):
-    """(x, labels): the dummies reconstructed for NORM_MATCH_ITERATIONS iterations (one cosine decay) at the
+    """(x, labels): the dummies reconstructed for args.norm_iterations iterations (one cosine decay) at the
     candidates' geometric-middle lr and the training's batch size (or the middle candidate), from args.seed."""
     data, train_args = run.config["data"], run.config["args"]
     if num_dummy != data["num_images"]:
@@ -138,12 +143,15 @@ def norm_search_dummies(run, args, candidates, num_dummy, device, train_images=N
     guess_bs = train_args["bs"] if train_args["bs"] in sizes else sizes[len(sizes) // 2]
     x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
     setup, _ = simudy_setup(run, guess_lr, guess_bs, args, x, labels)
-    setup = dataclasses.replace(setup, steps_per_epoch=NORM_MATCH_ITERATIONS, clip_epochs=0)
-    opt, sched = simudy_optimisers(x, args.rec_lr, "cosine", NORM_MATCH_ITERATIONS)
-    run_iterations(functools.partial(simudy_iteration, setup, x, labels, opt, sched), range(NORM_MATCH_ITERATIONS),
+    iterations = args.norm_iterations
+    if iterations < 1:
+        raise UserError(f"--norm_iterations {iterations} must be at least 1")
+    setup = dataclasses.replace(setup, steps_per_epoch=iterations, clip_epochs=0)
+    opt, sched = simudy_optimisers(x, args.rec_lr, "cosine", iterations)
+    run_iterations(functools.partial(simudy_iteration, setup, x, labels, opt, sched), range(iterations),
                    stop_on_nonfinite=True)
     ssim = None if train_images is None else paper_avg_ssim(train_images, x.detach().cpu())
-    print(f"\nnorm criterion: {NORM_MATCH_ITERATIONS} iterations at rlr {guess_lr:.3g}, rbs {guess_bs}"
+    print(f"\nnorm criterion: {iterations} iterations at rlr {guess_lr:.3g}, rbs {guess_bs}"
           + (f" (SSIM {ssim:.3f})" if ssim is not None else ""))
     return x.detach(), labels
 

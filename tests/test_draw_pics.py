@@ -111,3 +111,23 @@ def test_matching_must_agree_with_metrics_run(tmp_path):
     score(recons_dir)
     with pytest.raises(UserError, match="--matching hungarian"):
         draw(recons_dir, "--matching", "hungarian")
+
+
+def test_reconstructions_that_beat_the_pool_are_framed_and_the_rest_drawn_as_before(tmp_path):
+    """matched.pth's nearer_than_pool (metrics.py --null_pool): the marked reconstruction's tile has a green
+    frame and its inside unchanged; the unmarked one and every training image are the images themselves."""
+    runs = noisy_runs(tmp_path, [0.3, 0.3, 0.3])
+    score(runs.recons_dir)
+    path = Path(runs.recons_dir) / "metrics" / "5_1200" / "matched.pth"
+    matched = torch.load(path)
+    matched["nearer_than_pool"] = torch.tensor([True, False, False])
+    torch.save(matched, path)
+    grid = read_png(draw(runs.recons_dir, "--scale", "1")[0])
+    recon_px = recon_pixels(runs.recons_dir)
+    marked, unmarked = tile(grid, 0, 0, 10), tile(grid, 0, 1, 10)
+    green = np.array(draw_pics.FRAME) * 255 + 0.5
+    for edge in (marked[:, 0, :], marked[:, -1, :], marked[:, :, 0], marked[:, :, -1]):
+        assert (edge.T == green.astype(np.uint8)).all()
+    assert np.array_equal(marked[:, 1:-1, 1:-1], as_saved(recon_px[0])[:, 1:-1, 1:-1])
+    assert np.array_equal(unmarked, as_saved(recon_px[1]))
+    assert np.array_equal(tile(grid, 1, 0, 10), as_saved(runs.pixels[0]))

@@ -12,7 +12,9 @@ import torch
 
 import metrics
 import recons
+from simudy.data import NORMALISATION
 from simudy.errors import UserError
+from simudy.scoring import nearest_in_pool, paper_avg_ssim, ssim_matrix
 from tests.helpers import make_runs, one_line_error, reference_avg_ssim, run, score
 from utils import run_main
 
@@ -167,3 +169,43 @@ def test_image_shares_need_the_trainings_theta0(tmp_path):
         score(runs.recons_dir, "--image_shares")
     one_line_error(excinfo, "--image_shares needs the training's theta0", "drop --image_shares")
     assert not (Path(runs.recons_dir) / "metrics").exists()  # refused before writing anything
+
+
+def test_null_pool_scores_images_never_trained_on(mlp_run, fashion_fake):
+    """--null_pool 3 on a run trained on the first image of each class (random init: no pretraining). Two
+    paths: the null baseline equals the mean of paper_avg_ssim over the three draws (the 2nd, 3rd, 4th image
+    of each class in file order, normalised here by hand), and each reconstruction's nearest pool SSIM and
+    the count of those beaten by their training image equal a direct SSIM over the same 30 pool images."""
+    flags = mlp_run.flags + ["--tlr", 0.05]
+    recons_dir = run(recons, flags + ["--rec_epochs", 1, "--rec_steps_per_epoch", 2, "--save_every", 1])
+    run(metrics, flags + ["--snapshot", "0_1", "--recons_dir", recons_dir, "--null_pool", 3])
+    out = os.path.join(recons_dir, "metrics", "0_1")
+    memory = json.load(open(os.path.join(out, "metrics.json")))["null_pool"]
+    mean, std = NORMALISATION["fashion_mnist"]
+    labels = np.asarray(fashion_fake.labels)
+    per_class = [np.flatnonzero(labels == c)[1:4] for c in range(10)]  # the first of each class trained
+    as_tensor = lambda idx: (torch.from_numpy(fashion_fake.images[idx]).float()[:, None] / 255 - mean[0]) / std[0]  # noqa: E731
+    train = torch.load(os.path.join(mlp_run.train_dir, "train_subset.pth"))["images"]
+    draws = [as_tensor([int(per_class[c][d]) for c in range(10)]) for d in range(3)]
+    assert memory["pool_size"] == 30
+    assert memory["null_ssim"] == pytest.approx(sum(paper_avg_ssim(train, x) for x in draws) / 3, abs=1e-6)
+    snap = torch.load(os.path.join(recons_dir, "0_1.pth"))["x"]
+    pool = as_tensor([int(i) for idx in per_class for i in idx])
+    rows = read_rows(recons_dir, "0_1")
+    nearest = ssim_matrix(pool, snap).max(0).values
+    assert [float(r["nearest_pool_ssim"]) for r in rows] == pytest.approx(
+        [float(nearest[int(r["recon_index"])]) for r in rows], abs=1e-5)
+    assert memory["nearer_than_pool"] == sum(float(r["ssim"]) > float(r["nearest_pool_ssim"]) for r in rows)
+    with pytest.raises(UserError) as e:
+        run(metrics, flags + ["--snapshot", "0_1", "--recons_dir", recons_dir, "--null_pool", -1])
+    one_line_error(e, "--null_pool -1 must be >= 0")
+
+
+def test_nearest_in_pool_tells_a_copy_of_the_training_image_from_a_pool_image():
+    """A reconstruction that is its training image beats every pool image; one that is a pool image does not."""
+    torch.manual_seed(0)
+    train, pool = torch.randn(3, 1, 12, 12), torch.randn(5, 1, 12, 12)
+    for recons, expected in ((train, [True] * 3), (pool[:3], [False] * 3)):
+        matched = ssim_matrix(train, recons).diagonal()
+        _, nearer = nearest_in_pool(matched, ssim_matrix(pool, recons))
+        assert nearer.tolist() == expected

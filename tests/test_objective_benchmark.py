@@ -1,12 +1,16 @@
 """benchmarks/objective.py (issue 12, "check the objective before the optimiser"): its tables on a tiny
 train.py run. Two paths: the --draws table's draw k is the single-draw table's row at seed + k."""
 import csv
+import math
 import os
 
 import pytest
+import torch
 
 import recons
 import train
+from simudy.search import change_agreement
+from simudy.target import load_training_run
 from tests.helpers import load_benchmark, run
 
 
@@ -47,3 +51,28 @@ def test_snapshot_rows_repeat_the_reconstructions_own_log(objective, cifar_cwd):
     assert rows[2]["global"] == pytest.approx(float(logged["cos"]), rel=1e-4)
     assert rows[2]["bn_prior"] == pytest.approx(float(logged["bn"]), rel=1e-4)
     assert 0 < rows[0]["bn_prior"] < rows[1]["bn_prior"]
+
+
+def test_sim_epochs_table_shows_fewer_epochs_move_the_optimum_and_a_loose_clip_changes_nothing(
+        objective, fashion_root, in_tmp_cwd):
+    """--sim_epochs 1 3 --clips on a 3-epoch training: the truth is the optimum (loss ~0) only with all 3
+    epochs; each cell equals simudy.search.change_agreement's 1 - cos (two paths); a clip above every true
+    gradient norm leaves the truth's loss as it is, one below them does not."""
+    flags = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "mlp", "--width", 16,
+             "--num_imgs_per_class", 1, "--bs", 5]
+    train_dir = run(train, flags + ["--lr", 0.05, "--epochs", 3])
+    training = load_training_run(train_dir, "cpu")
+    subset = torch.load(os.path.join(train_dir, "train_subset.pth"))
+    norms = objective.true_gradient_norms(training, subset["images"], subset["labels"])
+    assert len(norms) == 6  # 2 batches x 3 epochs
+    loose, tight = 2 * max(norms), min(norms) / 2
+    table = objective.main(objective.parse_args(["--train_dir", train_dir, "--sim_epochs", "1", "3", "--clips",
+                                                 str(loose), str(tight), "--sigmas", "0.3"]))
+    truth, noisy = table[0]["losses"], table[1]["losses"]
+    assert abs(truth[f"3/{math.inf:g}"]) < 1e-5 and truth[f"1/{math.inf:g}"] > 1e-3
+    assert truth[f"3/{loose:g}"] == pytest.approx(truth[f"3/{math.inf:g}"], abs=1e-6)
+    assert truth[f"3/{tight:g}"] > 1e-4
+    noise = torch.randn(subset["images"].shape, generator=torch.Generator().manual_seed(0))
+    for epochs in (1, 3):
+        direct, _ = change_agreement(training, subset["images"] + 0.3 * noise, subset["labels"], 0.05, 5, epochs)
+        assert noisy[f"{epochs}/{math.inf:g}"] == pytest.approx(direct, rel=1e-4, abs=1e-6)

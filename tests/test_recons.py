@@ -11,6 +11,8 @@ import train
 from models import build_model
 from simudy.errors import UserError
 from simudy.runs import AUTO
+from simudy.search import change_agreement
+from simudy.target import load_training_run
 from tests.helpers import log_rows, log_without_seconds, one_line_error, run, run_script
 
 SHORT = ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 1, "--rec_steps_per_epoch", 3, "--save_every", 0]
@@ -150,3 +152,30 @@ def test_resnet_preset_decorrelates_colour_images_and_leaves_grey_ones_in_rgb(ml
     assert all(float(r["chroma_tv"]) > 0 for r in log_rows(colour))
     assert sorted(k for k in torch.load(os.path.join(colour, "resume.pth")) if "level" in k) == \
         ["colour_level0", "colour_level1", "colour_level2"]
+
+
+def test_steps_epochs_simulates_all_epochs_after_the_first_outer_epochs(fashion_root, in_tmp_cwd):
+    """--steps 1 --steps_epochs 1 on a 3-epoch training: two paths to each logged 1 - cos. Every iteration's
+    logged match equals the change simulated directly (simudy.search.change_agreement) on the previous
+    snapshot's images, over 1 epoch in the first outer epoch and over the training's 3 in the second (which
+    differ, so the test sees the switch). Values that cannot work are one-line errors."""
+    flags = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "mlp", "--width", 16,
+             "--num_imgs_per_class", 1, "--bs", 5]
+    train_dir = run(train, flags + ["--lr", 0.05, "--epochs", 3])
+    common = flags + ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 2, "--rec_steps_per_epoch", 2, "--clip_epochs", 0,
+                      "--save_every", 1]
+    recons_dir = run(recons, common + ["--steps_epochs", 1, "--recons_dir", "staged"])
+    logged = [float(r["cos"]) for r in log_rows(recons_dir)]
+    training = load_training_run(train_dir, "cpu")
+    for iteration, previous, epochs in ((1, "0_0", 1), (2, "0_1", 3), (3, "1_0", 3)):
+        snap = torch.load(os.path.join(recons_dir, previous + ".pth"))
+        direct, _ = change_agreement(training, snap["x"], snap["labels"], 0.05, 5, epochs)
+        assert logged[iteration] == pytest.approx(direct, rel=1e-4, abs=1e-6)
+    snap = torch.load(os.path.join(recons_dir, "0_1.pth"))
+    one_epoch, _ = change_agreement(training, snap["x"], snap["labels"], 0.05, 5, 1)
+    assert abs(one_epoch - logged[2]) > 1e-3
+    for extra, needles in ((["--steps_epochs", 2], ("fewer outer epochs than --rec_epochs 2",)),
+                           (["--steps_epochs", 1, "--steps", 3], ("--steps below that", "--steps_epochs 0"))):
+        with pytest.raises(UserError) as excinfo:
+            run(recons, common + extra + ["--recons_dir", "refused"])
+        one_line_error(excinfo, *needles)

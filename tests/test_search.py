@@ -211,6 +211,17 @@ def test_lr_matching_norm_interpolates_where_the_ratio_crosses_zero():
     assert lr_matching_norm([{"rlr": lr, "log_norm_ratio": math.log(lr / 1e-4)} for lr in lrs]) == 0.001
 
 
+def test_lr_matching_norm_treats_a_diverged_candidate_as_too_long():
+    """A candidate whose simulated training diverged (nan, as ResNet D's at lr 0.02 on dummies 600 iterations
+    in) is an infinitely long change: below the true norm up to 0.01, the match is 0.01, the last finite
+    candidate, not the grid's end; the same with inf; all diverged gives the smallest candidate."""
+    rows = [{"rlr": lr, "log_norm_ratio": r} for lr, r in ((0.005, -0.3), (0.01, -0.065), (0.02, math.nan),
+                                                           (0.05, math.nan))]
+    assert lr_matching_norm(rows) == 0.01
+    assert lr_matching_norm([{**r, "log_norm_ratio": math.inf} if r["rlr"] > 0.01 else r for r in rows]) == 0.01
+    assert lr_matching_norm([{**r, "log_norm_ratio": math.nan} for r in rows]) == 0.005
+
+
 def test_change_agreement_at_the_true_images(mlp_run):
     """The objective check behind --auto_criterion norm: at the true images and the true (lr, bs) the simulated
     change is the true one (1 - cos ~ 0, norm ratio 1); twice the lr about doubles the norm (the training is
@@ -228,13 +239,15 @@ def test_change_agreement_at_the_true_images(mlp_run):
 
 
 def test_rlr_auto_norm_criterion(mlp_run):
-    """--auto_criterion norm: 200 iterations at the candidates' middle lr, then the lr whose change has the true
-    norm, interpolated between the candidates; recorded in auto_search.csv and config.json; --num_dummy is
-    refused before any work (the norm grows with the number of images)."""
+    """--auto_criterion norm: 200 iterations (--norm_iterations) at the candidates' middle lr, then the lr whose
+    change has the true norm, interpolated between the candidates; recorded in auto_search.csv and config.json;
+    --num_dummy and --norm_iterations 0 are refused before any work (the norm grows with the number of images)."""
     flags = mlp_run.flags + ["--tlr", 0.05, "--steps", 1, "--rlr", AUTO, "--auto_criterion", "norm",
                              "--rlr_candidates", 0.01, 0.03, 0.1, 0.3]
     with pytest.raises(UserError, match="needs the true number of images"):
         run(recons, flags + ["--num_dummy", 12])
+    with pytest.raises(UserError, match="--norm_iterations 0 must be at least 1"):
+        run(recons, flags + ["--norm_iterations", 0])
     recons_dir = run(recons, flags + ["--rec_epochs", 1, "--rec_steps_per_epoch", 2])
     with open(os.path.join(recons_dir, "auto_search.csv")) as f:
         rows = list(csv.DictReader(f))
