@@ -207,7 +207,7 @@ def _tiny_mlp_run(side, channels=1, **flags):
               "image_shape": [channels, side, side], "mean": [0.5] * channels, "std": [0.25] * channels}}
     args = dict(backprop="unrolled", steps=1, clip_norm=20.0, clip_to=5.0, clip_epochs=0, rec_epochs=1,
                 rec_steps_per_epoch=5, tv_weight=1e-3, loss_type="cos", keep_every=0, bn_prior=0.0,
-                bn_prior_until=1.0, box=True, signed_grad=False, chroma_tv=0.0)
+                bn_prior_until=1.0, box=True, signed_grad=False, chroma_tv=0.0, steps_epochs=0)
     return training_run_from_states(model, theta0, theta_final, config, "cpu"), argparse.Namespace(**{**args, **flags})
 
 
