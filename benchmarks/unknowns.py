@@ -363,7 +363,10 @@ def print_tables(rows):
                   + " | ".join(f"{line[c]['one_minus_cos']:.1e}" for c in CANDIDATE_LRS)
                   + f" | {r['lowest_cos']['lr']:g}, {r['lowest_cos']['bs']} | {r['norm_match_true_bs']:.3g} |")
     select = {(r["config"], r["true_lr"], r["true_bs"]): r for r in rows if r["part"] == "select"}
-    norm = {(r["config"], r["true_lr"], r["true_bs"]): r for r in rows if r["part"] == "norm"}
+    norm = {(r["config"], r["true_lr"], r["true_bs"]): r for r in rows if r["part"] == "norm"
+            and r.get("norm_iterations", NORM_MATCH_ITERATIONS) == NORM_MATCH_ITERATIONS}  # the scored length
+    longer = [r for r in rows if r["part"] == "norm" and r.get("norm_iterations", NORM_MATCH_ITERATIONS)
+              != NORM_MATCH_ITERATIONS]
     keys = sorted(set(select) | set(norm), key=lambda k: (k[0], k[2], k[1]))
     if keys:
         print("\n## Selection: the paper's (lowest loss after 50 steps from noise; lr with bs known, bs with lr"
@@ -396,6 +399,13 @@ def print_tables(rows):
                 print(f"- {config}, norm criterion: bs known, lr within one grid step {lr_ok} (at the noise start"
                       f" {noise_ok}); both unknown: lr {both_lr}, bs exact {both_bs}, lr/bs within one grid step"
                       f" {ratio_ok}/{len(nrm)}")
+    if longer:
+        print("\n## The norm criterion after a longer reconstruction (--norm_iters; not in the scores above)")
+        print("| config | true lr | true bs | iterations | dummies' SSIM | bs known: lr | both unknown: lr, bs |")
+        print("|---" * 7 + "|")
+        for r in sorted(longer, key=lambda r: (r["config"], r["true_bs"], r["true_lr"], r["norm_iterations"])):
+            print(f"| {r['config']} | {r['true_lr']:g} | {r['true_bs']} | {r['norm_iterations']} | {r['dummies_ssim']:.3f}"
+                  f" | {r['known_bs']['lr']:.3g} | {r['both']['lr']:.3g}, {r['both']['bs']} |")
     rank = [r for r in rows if r["part"] == "rank"]
     if rank:
         print("\n## Unknown N: M = 2N dummies, precision of the top N and the SSIM it keeps")
