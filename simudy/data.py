@@ -232,7 +232,7 @@ def images_never_trained_on(train_config, data_root, per_class):
     """(images, labels, note): `per_class` images of each class of the training's dataset that neither its
     fine-tuning nor theta0's pretraining by train.py used (which took the first --pretrain_imgs per class
     outside the subset; excluded whenever theta0 was not a random init), normalised as the training's.
-    note says when theta0 came from a file whose data no one recorded."""
+    note says when theta0 came from a file whose data no one recorded (--pretrained, the paper's file)."""
     args, data = train_config["args"], train_config["data"]
     images, targets, _ = load_dataset(args["dataset"], data_root)
     num_classes = data["num_classes"]
@@ -243,8 +243,9 @@ def images_never_trained_on(train_config, data_root, per_class):
     pool = first_k_per_class(targets, per_class, num_classes, 0, exclude=used, strict=False)
     if not pool:
         raise UserError(f"{args['dataset']} has no image outside the training and pretraining; lower --null_pool")
-    note = (f"theta0 came from {theta0}, whose data is not recorded: the pool may hold images it saw"
-            if args.get("pretrained") and theta0 == args["pretrained"] else None)
+    pretrained_here = f"_pimgs{args.get('pretrain_imgs')}_" in os.path.basename(theta0)  # train.py's cache name
+    note = (None if theta0.startswith("random") or pretrained_here else
+            f"theta0 came from {theta0}, whose data is not recorded: the pool may hold images it saw")
     mean, std = data["mean"], data["std"]
     return to_normalised_tensor(images, pool, mean, std), torch.tensor([targets[i] for i in pool]), note
 

@@ -151,7 +151,8 @@ def null_baseline(ssim_train_pool, train_labels, pool_labels, method="greedy"):
     """The paper's average SSIM of "reconstructions" that know the labels and the data's distribution but
     nothing of the training images: for each draw, as many pool images of each class as the training has,
     disjoint between draws (up to NULL_DRAWS). ssim_train_pool: the N x P SSIM matrix of the training images
-    with the pool. Returns (mean, lowest, highest) over the draws, or None when no class has enough."""
+    with the pool. Returns (mean, lowest, highest) over the draws, or None when some class has fewer pool
+    images than the training has of it."""
     need = {int(c): int((train_labels == c).sum()) for c in train_labels.unique()}
     members = {c: (pool_labels == c).nonzero().flatten() for c in need}
     draws = min([len(members[c]) // k for c, k in need.items()] + [NULL_DRAWS])

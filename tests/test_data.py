@@ -321,17 +321,21 @@ def test_folder_with_empty_train_dir_is_a_user_error(tmp_path, offline):
     one_line_error(excinfo, "--data_root")
 
 
-@pytest.mark.parametrize("theta0, skipped", [("./ckpts/pretrained/resnet18.pth", 3), ("random init (seeded)", 1)])
-def test_pool_never_trained_on_skips_the_subset_and_the_pretraining(fashion_fake, theta0, skipped):
+@pytest.mark.parametrize("theta0, skipped, noted", [
+    ("./ckpts/pretrained/resnet18_w16_fashion_mnist_pimgs2_pep15_seed0.pth", 3, False),
+    ("random init (seeded)", 1, False), ("./models/pretrained.pth", 3, True)])
+def test_pool_never_trained_on_skips_the_subset_and_the_pretraining(fashion_fake, theta0, skipped, noted):
     """metrics.py --null_pool's pool: with theta0 pretrained by train.py (the first --pretrain_imgs per class
     outside the subset) the first 1 + 2 images of each class are skipped, with a random init only the subset's
-    one; the pool's pixels and labels are the dataset's own, normalised as the training's."""
+    one; a theta0 from a file of unrecorded data skips the same and says so; the pool's pixels and labels are
+    the dataset's own, normalised as the training's."""
     mean, std = data.NORMALISATION["fashion_mnist"]
     config = {"args": {"dataset": "fashion_mnist", "num_imgs_per_class": 1, "offset": 0, "pretrain_imgs": 2},
               "data": {"num_classes": 10, "mean": mean, "std": std}, "theta0": theta0}
     pool, labels, note = data.images_never_trained_on(config, str(fashion_fake.root), 2)
     expected = [int(i) for c in range(10) for i in np.flatnonzero(np.asarray(fashion_fake.labels) == c)[skipped:skipped + 2]]
     expected.sort()  # the pool is in dataset order
-    assert labels.tolist() == [fashion_fake.labels[i] for i in expected] and note is None
+    assert labels.tolist() == [fashion_fake.labels[i] for i in expected]
+    assert (note is not None and "may hold images it saw" in note) == noted
     pixels = (torch.from_numpy(fashion_fake.images[expected]).float()[:, None] / 255 - mean[0]) / std[0]
     assert torch.allclose(pool, pixels, atol=1e-6)
