@@ -42,7 +42,7 @@ from simudy.method import BatchNormPrior, match_loss  # noqa: E402
 from simudy.runs import load_checkpoint  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.search import simulated_change  # noqa: E402
-from simudy.simulate import flat, loss_gradient, sgd_config_from_training  # noqa: E402
+from simudy.simulate import flat, graph_free_steps, sgd_config_from_training  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
 
 
@@ -133,18 +133,15 @@ def match_over_draws(run, x_true, y_true, sigmas, seed, draws):
 
 
 def true_gradient_norms(run, x, y):
-    """The norm of each step's gradient in the true training (replayed on the true images)."""
+    """Each step's lr * update of the true training (replayed on the true images by the simulation's own
+    graph-free steps), divided by lr: the gradient norm that a clip sees, in plain SGD (no momentum or weight
+    decay, as every training measured here)."""
     lr, bs, epochs = training(run)
-    sgd = sgd_config_from_training(run.config["args"], lr)
-    run.model.train(sgd.bn_train)
-    params, norms = {k: v.detach() for k, v in run.theta0.items()}, []
-    for _ in range(epochs):
-        for xb, yb in zip(x.split(bs), y.split(bs)):
-            params = {k: v.requires_grad_(True) for k, v in params.items()}
-            grads = loss_gradient(run.model, params, dict(run.buffers), xb, yb, sgd, create_graph=False)
-            norms.append(float(torch.sqrt(sum(g.pow(2).sum() for g in grads))))
-            params = {k: (p - lr * g).detach() for (k, p), g in zip(params.items(), grads)}
-    return norms
+    batches = list(zip(x.split(bs), y.split(bs)))
+    buffers = {k: v.clone() for k, v in run.buffers.items()}  # train-mode BN updates them in place
+    steps = graph_free_steps(run.model, run.theta0, buffers, batches, epochs,
+                             sgd_config_from_training(run.config["args"], lr))
+    return [float(torch.sqrt(sum(u.pow(2).sum() for u in update))) / lr for *_, update in steps]
 
 
 def epochs_table(run, rows, sim_epochs, clips):

@@ -189,6 +189,11 @@ def paper_selection(run, args, true_lr, true_bs, device):
 # The parts
 
 
+def norm_suffix(iters):
+    """A norm row's key suffix: none for the default length (its rows keep their first keys), else its length."""
+    return "" if iters == NORM_MATCH_ITERATIONS else f"_iters{iters}"
+
+
 def row_key(part, config, lr, bs, suffix=""):
     return f"{part}/{config}/lr{lr:g}/bs{bs}{suffix}"
 
@@ -233,8 +238,7 @@ def part_norm(config, lr, bs, device, iters=NORM_MATCH_ITERATIONS, redo=False):
     """recons.py's --auto_criterion norm (simudy.search.norm_search, the fast preset's recipe) on one
     training run: lr with bs known, and both unknown; plus the norm match at the noise start (no
     reconstruction first), which shows why the reconstruction comes first."""
-    suffix = "" if iters == NORM_MATCH_ITERATIONS else f"_iters{iters}"  # the default's rows keep their keys
-    opened = open_row("norm", config, lr, bs, device, suffix, redo)
+    opened = open_row("norm", config, lr, bs, device, norm_suffix(iters), redo)
     if opened is None:
         return
     key, train_dir, run = opened
@@ -466,12 +470,11 @@ def main(args):
                 continue
             for bs in args.true_bs:
                 for lr in args.true_lrs:
-                    suffix = ""
                     if part == "norm":
                         part_norm(config, lr, bs, device, args.norm_iters, args.redo)
-                        suffix = "" if args.norm_iters == NORM_MATCH_ITERATIONS else f"_iters{args.norm_iters}"
                     else:
                         {"truth": part_truth, "select": part_select}[part](config, lr, bs, device)
+                    suffix = norm_suffix(args.norm_iters) if part == "norm" else ""
                     state = "done" if done(row_key(part, config, lr, bs, suffix)) else "not done (see above)"
                     print(f"{part} {config} lr {lr:g} bs {bs} {state}", flush=True)
     print_tables(load_results())
