@@ -76,6 +76,9 @@ def check_args(args):
     if not 0 <= args.steps_epochs < args.rec_epochs:
         raise UserError(f"--steps_epochs {args.steps_epochs}: pass 0 (--steps throughout) or fewer outer epochs"
                         f" than --rec_epochs {args.rec_epochs}")
+    if args.smooth_sigma < 0 or not 0 < args.smooth_until <= 1:
+        raise UserError(f"--smooth_sigma {args.smooth_sigma} --smooth_until {args.smooth_until}: pass a noise std"
+                        f" >= 0 and a share of the run in (0, 1]")
     if args.norm_iterations < 1:
         raise UserError(f"--norm_iterations {args.norm_iterations} must be at least 1")
     check_reparam_flags(args)

@@ -19,6 +19,13 @@ minimum), the first --sigmas row above 0 as a perturbed truth, and --clips C ...
 simulated gradient longer than C rescaled to C (recons.py's --clip_norm C --clip_to C); it also prints the
 true training's gradient norms, which a clip above them leaves unchanged at the truth.
 
+--swap_part P (with --sim_epochs) adds rows where the training images whose part of theta0 - theta_final
+(simudy.exposure.image_shares: ||Delta_i|| / ||theta0 - theta_final||) is below P, and then those at or above
+P, are swapped for images of the same class that no network here trained on (metrics.py --null_pool's pool;
+--draws K draws): how far the objective moves when an image the change hardly holds is replaced by another
+garment, against where a run stops. A swap that moves 1 - cos by less than a run's end cannot be told from
+the truth by this objective, whatever the optimiser.
+
 --bn_prior adds a column with the BatchNorm prior of recons.py's --bn_prior (unweighted, at theta0, over
 batches of the training's batch size) of each row's images: where the truth sits on the prior against
 the noise and a reconstruction. --snapshots FILE ... adds a row per recons.py snapshot (its images with
@@ -27,6 +34,7 @@ its labels, SSIM after matching as metrics.py), so the truth and a run's end are
     python benchmarks/objective.py --train_dir benchmarks/runs/D/ckpts/model_ckpt/<run>
     python benchmarks/objective.py --train_dir <run> --sigmas 0 0.1 1 --bn_prior --snapshots <recons>/3_374.pth
     python benchmarks/objective.py --train_dir <run> --sim_epochs 8 12 20 --clips 5 8 --snapshots <recons>/3_324.pth
+    python benchmarks/objective.py --train_dir <run> --sim_epochs 8 20 --swap_part 0.2 --draws 5 --snapshots ...
 """
 import argparse
 import math
@@ -38,12 +46,14 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from simudy.data import images_never_trained_on  # noqa: E402
+from simudy.exposure import image_shares  # noqa: E402
 from simudy.method import BatchNormPrior, match_loss  # noqa: E402
 from simudy.runs import load_checkpoint  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.search import simulated_change  # noqa: E402
 from simudy.simulate import flat, graph_free_steps, sgd_config_from_training  # noqa: E402
-from simudy.target import load_training_run  # noqa: E402
+from simudy.target import load_training_run, loss_per_image  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -60,6 +70,10 @@ def parse_args(argv=None):
                    help="the match loss with E simulated epochs, for the truth and each snapshot (see above)")
     p.add_argument("--clips", type=float, nargs="+", default=[], metavar="C",
                    help="with --sim_epochs: also with the simulated gradients clipped at norm C")
+    p.add_argument("--swap_part", type=float, default=None, metavar="P",
+                   help="with --sim_epochs: add rows with the images whose part of the change is < P (then >= P) "
+                        "swapped for never-trained images of their class, --draws draws")
+    p.add_argument("--data_root", default="./data", help="the dataset's folder, for --swap_part's pool")
     p.add_argument("--snapshots", nargs="+", default=[], metavar="FILE",
                    help="recons.py snapshots (<recons_dir>/<epoch>_<step>.pth) to add as rows, with their labels")
     return p.parse_args(argv)
@@ -144,6 +158,46 @@ def true_gradient_norms(run, x, y):
     return [float(torch.sqrt(sum(u.pow(2).sum() for u in update))) / lr for *_, update in steps]
 
 
+FITTED_POOL = 100  # pool images per class to pick the ones theta0 fits best from (--swap_part's third kind)
+
+
+def swapped_rows(run, x_true, y_true, part, draws, data_root):
+    """(name, images, labels) with the images whose part of the change is < part, then >= part, replaced by
+    never-trained images of their class, and then the < part ones by the pool images of their class that
+    theta0 fits best (lowest loss at theta0 of FITTED_POOL per class): the images an attacker cannot tell from
+    the truth if the objective only sees that theta0 already fitted them. Draw k takes the k-th disjoint
+    chunk of the pool per class (in the pool's order, or by loss for the fitted kind)."""
+    shares, _ = image_shares(run, x_true, y_true)
+    small = shares < part
+    per_class = max(int((y_true == c).sum()) for c in y_true.unique())
+    pool, pool_labels, _ = images_never_trained_on(run.config, data_root, max(per_class * draws, FITTED_POOL))
+    short = [int(c) for c in y_true.unique() if int((pool_labels == c).sum()) < per_class * draws]
+    if short:
+        raise SystemExit(f"--swap_part --draws {draws}: the pool has under {per_class * draws} never-trained images"
+                         f" of class(es) {short}; pass fewer --draws")
+    pool_loss = loss_per_image(run, pool, pool_labels)
+    true_loss = loss_per_image(run, x_true, y_true)
+    print(f"parts: {int(small.sum())} images < {part:g} (part {', '.join(f'{v:.3f}' for v in shares[small])}; "
+          f"loss at theta0 {', '.join(f'{v:.3f}' for v in true_loss[small])}), {int((~small).sum())} >= {part:g}")
+    rows = []
+    for which, mask, fitted in [(f"part < {part:g} swapped", small, False), (f"part >= {part:g} swapped", ~small, False),
+                                (f"part < {part:g} swapped for fitted", small, True)]:
+        for k in range(draws):
+            x = x_true.clone()
+            for c in y_true.unique():
+                slots = ((y_true == c) & mask).nonzero().flatten()
+                spare = pool[pool_labels == c]
+                if fitted:
+                    spare = spare[pool_loss[pool_labels == c].argsort()]
+                spare = spare[k * per_class:]
+                x[slots] = spare[:len(slots)].to(x)
+            rows.append((f"{which}, draw {k}", x, y_true))
+        if fitted:
+            chosen = torch.cat([pool_loss[pool_labels == c].sort().values[:per_class * draws] for c in y_true.unique()])
+            print(f"fitted pool images' loss at theta0: {chosen.min():.4f}-{chosen.max():.4f}")
+    return rows
+
+
 def epochs_table(run, rows, sim_epochs, clips):
     """Per row (name, images, labels): the match loss with each number of simulated epochs, unclipped and
     with each clip."""
@@ -171,8 +225,11 @@ def main(args):
         print(f"true training: {len(norms)} steps, gradient norm {min(norms):.2f}-{max(norms):.2f}")
         noise = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(args.seed))
         perturbed = [s for s in args.sigmas if s > 0][:1]
-        return epochs_table(run, rows_to_score(x_true, y_true, [0] + perturbed, noise, args.snapshots),
-                            args.sim_epochs, args.clips)
+        rows = rows_to_score(x_true, y_true, [0] + perturbed, noise, args.snapshots)
+        if args.swap_part is not None:
+            rows[1 + len(perturbed):1 + len(perturbed)] = swapped_rows(run, x_true, y_true, args.swap_part, args.draws,
+                                                                       args.data_root)
+        return epochs_table(run, rows, args.sim_epochs, args.clips)
     if args.draws > 1:
         return match_over_draws(run, x_true, y_true, [s for s in args.sigmas if s > 0], args.seed, args.draws)
     true_change = {n: run.theta0[n] - run.theta_final[n] for n in run.theta0}

@@ -25,7 +25,7 @@ from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_ru
                     pick_device, preset_flags_off, preset_values, set_seed)
 from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
 from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers, simudy_setup,
-                     simulated_epochs, total_gradient_norms)
+                     simulated_epochs, total_gradient_norms, with_smoothing)
 from .reparam import coarse_stage, pyramid_dummies
 from .runs import (AUTO, CONFIG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
                    write_csv, write_json)
@@ -204,6 +204,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     if graph_bytes is not None:
         print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
     total = args.rec_epochs * args.rec_steps_per_epoch
+    setup = with_smoothing(setup, args, total)
     if args.coarse:  # the main run only: short runs (restarts, searches) move full-size dummies
         setup = dataclasses.replace(setup, reparam=coarse_stage(x, args.coarse, args.coarse_iters))
     elif (args.pyramid or args.decorrelate_colours) and not args.grid_search:  # its short run moves the images

@@ -309,6 +309,13 @@ def add_reconstruction_args(p):
                    help="keep every pixel inside the range that [0, 1] images take after normalisation")
     g.add_argument("--signed_grad", action="store_true",
                    help="Adam on the sign of the dummies' gradient (Geiping et al.)")
+    g.add_argument("--smooth_sigma", default=0.0, type=float, metavar="S",
+                   help="Gaussian smoothing of the objective: each iteration's loss and gradient are taken at the"
+                        " dummies plus fresh noise of std S (normalised pixel units), S falling linearly to 0 over"
+                        " the first --smooth_until of the run, so a rugged objective's narrow minima are blurred"
+                        " early and the true one is exact late (0: off)")
+    g.add_argument("--smooth_until", default=0.5, type=float,
+                   help="share of the iterations over which --smooth_sigma falls to 0")
     g.add_argument("--restarts", default=1, type=int,
                    help="K > 1: K starts (seeds seed..seed+K-1) run --restart_iterations each; the run goes on"
                         " from the one with the lowest loss (costs K x those iterations first)")

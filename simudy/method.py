@@ -7,6 +7,7 @@ simulated change theta0 - theta_hat_f points the way of theta0 - theta_f:
 """
 import collections
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -206,6 +207,20 @@ class SimuDySetup:
     chroma_tv: float = 0.0         # --chroma_tv's weight
     steps_epochs: int = 0          # --steps_epochs: outer epochs that simulate `epochs`; after them, full_epochs
     full_epochs: int = 0           # the training's epochs
+    smooth_sigma: float = 0.0      # --smooth_sigma (the main run only): the objective's noise std at iteration 0
+    smooth_iterations: int = 0     # iterations over which it falls to 0 (--smooth_until x the run)
+    seed: int = 0                  # the smoothing noise's seed (with the iteration, so a resume draws the same)
+
+
+def smoothing_noise(setup, x, iteration):
+    """--smooth_sigma's noise for this iteration (None when off): std falling linearly from smooth_sigma to 0
+    over smooth_iterations, drawn from (seed, iteration) on the CPU so a resumed run or another device
+    draws the same."""
+    if not setup.smooth_sigma or iteration >= setup.smooth_iterations:
+        return None
+    sigma = setup.smooth_sigma * (1 - iteration / setup.smooth_iterations)
+    gen = torch.Generator().manual_seed(setup.seed * 1_000_003 + iteration)
+    return (sigma * torch.randn(x.shape, generator=gen)).to(x)
 
 
 def simulated_epochs(setup, epoch):
@@ -251,6 +266,13 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
                        pixel_box(run.config["data"], x.device) if args.box else None, args.signed_grad,
                        chroma_tv=args.chroma_tv, steps_epochs=args.steps_epochs,
                        full_epochs=train_args["epochs"]), graph_bytes
+
+
+def with_smoothing(setup, args, total):
+    """The main run's setup with --smooth_sigma's noise over the first --smooth_until of its `total` iterations
+    (short runs, for restarts and searches, take the loss at the dummies themselves)."""
+    return dataclasses.replace(setup, smooth_sigma=args.smooth_sigma,
+                               smooth_iterations=math.ceil(args.smooth_until * total), seed=args.seed)
 
 
 def adam_with_schedule(tensors, lr, t_max=None, lr_lambda=None):
@@ -309,8 +331,10 @@ def simudy_iteration(setup, x, labels, opt, sched, iteration):
     epoch, step = divmod(iteration, setup.steps_per_epoch)
     sgd = setup.clipped_sgd if epoch < setup.clip_epochs else setup.sgd  # the paper's clip, early epochs only
     bn_weight = setup.bn_weight if iteration < setup.bn_until else 0.0
+    noise = smoothing_noise(setup, x, iteration)  # the objective at a nearby point, its gradient applied to x
+    at = x if noise is None else (x.detach() + noise).requires_grad_(True)
     loss, match, tv, grad_x = reconstruction_loss_and_grad(
-        run.model, run.theta0, run.buffers, x, labels, run.weight_change, setup.rbs, simulated_epochs(setup, epoch), sgd,
+        run.model, run.theta0, run.buffers, at, labels, run.weight_change, setup.rbs, simulated_epochs(setup, epoch), sgd,
         setup.tv_weight, setup.loss_type, setup.backprop, setup.keep_every, setup.bn_prior, bn_weight)
     if setup.chroma_tv:  # a prior on the dummies alone, outside the simulation: its own small graph
         with torch.enable_grad():

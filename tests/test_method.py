@@ -16,7 +16,8 @@ import train
 from models import build_model
 from simudy.method import (ADAM_BETAS, RANKING_BUDGET_BYTES, BatchNormPrior, chroma_total_variation, initial_dummies,
                            lr_factor, rank_dummies, reconstruction_loss, reconstruction_loss_and_grad,
-                           simudy_iteration, simudy_optimisers, simudy_setup, total_gradient_norms)
+                           simudy_iteration, simudy_optimisers, simudy_setup, smoothing_noise, total_gradient_norms,
+                           with_smoothing)
 from simudy.reparam import COLOUR_MIX, coarse_stage, pyramid_dummies
 from simudy.runs import resolve_run
 from simudy.scoring import match_by_ssim, ssim_matrix
@@ -207,7 +208,8 @@ def _tiny_mlp_run(side, channels=1, **flags):
               "image_shape": [channels, side, side], "mean": [0.5] * channels, "std": [0.25] * channels}}
     args = dict(backprop="unrolled", steps=1, clip_norm=20.0, clip_to=5.0, clip_epochs=0, rec_epochs=1,
                 rec_steps_per_epoch=5, tv_weight=1e-3, loss_type="cos", keep_every=0, bn_prior=0.0,
-                bn_prior_until=1.0, box=True, signed_grad=False, chroma_tv=0.0, steps_epochs=0)
+                bn_prior_until=1.0, box=True, signed_grad=False, chroma_tv=0.0, steps_epochs=0,
+                smooth_sigma=0.0, smooth_until=0.5, seed=0)
     return training_run_from_states(model, theta0, theta_final, config, "cpu"), argparse.Namespace(**{**args, **flags})
 
 
@@ -222,6 +224,28 @@ def test_box_and_signed_gradient_in_one_iteration():
     simudy_iteration(setup, x, labels, opt, sched, 0)
     assert set(x.grad.unique().tolist()) <= {-1.0, 0.0, 1.0}
     assert x.min() >= -2.0 and x.max() <= 2.0 and (x == 2.0).any() and (x == -2.0).any()
+
+
+def test_smoothing_takes_the_gradient_at_the_dummies_plus_the_iterations_noise():
+    """--smooth_sigma: two paths to the same gradient. recons.py's iteration against the loss's gradient at x +
+    sigma_i * randn(seed, iteration) computed here, sigma_i = S (1 - i / (until x run)); off after that share."""
+    run, args = _tiny_mlp_run(4, box=False, smooth_sigma=0.3, smooth_until=0.4, seed=7, rec_steps_per_epoch=5)
+    x, labels, _ = initial_dummies(10, (1, 4, 4), 10, 0, "cpu")
+    short_run_setup, _ = simudy_setup(run, 0.1, 5, args, x, labels)
+    assert smoothing_noise(short_run_setup, x, 0) is None  # short runs (restarts, searches) are not smoothed
+    setup = with_smoothing(short_run_setup, args, 5)
+    assert setup.smooth_iterations == 2
+    opt, sched = simudy_optimisers(x, 0.0, "cosine", 5)  # lr 0: x stays, so each path sees the same dummies
+    for i, sigma in enumerate([0.3, 0.15, 0.0]):
+        noise = sigma * torch.randn(x.shape, generator=torch.Generator().manual_seed(7 * 1_000_003 + i))
+        at = (x.detach() + noise).requires_grad_(True)
+        total, _, _ = reconstruction_loss(run.model, run.theta0, run.buffers, at, labels, run.weight_change, 5, 1,
+                                          setup.sgd, 1e-3, "cos")
+        (expected,) = torch.autograd.grad(total, [at])
+        row = simudy_iteration(setup, x, labels, opt, sched, i)
+        torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-7)
+        assert row["total"] == pytest.approx(total.item(), rel=1e-6)
+    assert not torch.allclose(smoothing_noise(setup, x, 0), smoothing_noise(dataclasses.replace(setup, seed=8), x, 0))
 
 
 def test_coarse_stage_moves_the_low_resolution_images_as_adam_on_them_would():

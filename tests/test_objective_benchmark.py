@@ -10,7 +10,8 @@ import torch
 import recons
 import train
 from simudy.search import change_agreement
-from simudy.target import load_training_run
+from simudy.exposure import image_shares
+from simudy.target import load_training_run, loss_per_image
 from tests.helpers import load_benchmark, run
 
 
@@ -76,3 +77,38 @@ def test_sim_epochs_table_shows_fewer_epochs_move_the_optimum_and_a_loose_clip_c
     for epochs in (1, 3):
         direct, _ = change_agreement(training, subset["images"] + 0.3 * noise, subset["labels"], 0.05, 5, epochs)
         assert noisy[f"{epochs}/{math.inf:g}"] == pytest.approx(direct, rel=1e-4, abs=1e-6)
+
+
+def test_swap_rows_replace_only_the_images_on_their_side_of_the_part(objective, fashion_root, in_tmp_cwd):
+    """--swap_part: each row changes exactly the images on its side of the part threshold, with never-trained
+    images of the same class; the fitted kind takes ones theta0 fits better than the plain pool draw; each
+    row's loss equals change_agreement's on its images (two paths), and with the threshold above every part
+    the ">= P swapped" rows are the truth itself (loss ~0)."""
+    flags = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "mlp", "--width", 16,
+             "--num_imgs_per_class", 1, "--bs", 5]
+    train_dir = run(train, flags + ["--lr", 0.05, "--epochs", 3])
+    training = load_training_run(train_dir, "cpu")
+    subset = torch.load(os.path.join(train_dir, "train_subset.pth"))
+    x_true, y_true = subset["images"], subset["labels"]
+    shares, _ = image_shares(training, x_true, y_true)
+    part = float(shares.median())
+    rows = objective.swapped_rows(training, x_true, y_true, part, 2, fashion_root)
+    assert len(rows) == 6
+    small = shares < part
+    trained = x_true.reshape(len(x_true), -1)
+    for name, x, labels in rows:
+        changed = (x != x_true).flatten(1).any(dim=1)
+        assert torch.equal(changed, small if "part <" in name else ~small) and torch.equal(labels, y_true)
+        assert not any(torch.equal(xi.flatten(), t) for xi in x[changed] for t in trained)
+    fitted, plain = rows[4:], rows[:2]
+    mean_loss = lambda rs: sum(float(loss_per_image(training, x, y_true)[small].mean()) for _, x, _ in rs)
+    assert mean_loss(fitted) <= mean_loss(plain)
+    table = objective.main(objective.parse_args(["--train_dir", train_dir, "--sim_epochs", "3", "--swap_part",
+                                                 "10", "--draws", "1", "--sigmas", "0.3", "--data_root",
+                                                 str(fashion_root)]))
+    assert [r["images"] for r in table] == ["0", "0.3", "part < 10 swapped, draw 0", "part >= 10 swapped, draw 0",
+                                            "part < 10 swapped for fitted, draw 0"]
+    assert abs(table[3]["losses"][f"3/{math.inf:g}"]) < 1e-5 and table[3]["ssim"] == pytest.approx(1.0)
+    every = objective.swapped_rows(training, x_true, y_true, 10, 1, fashion_root)
+    direct, _ = change_agreement(training, every[0][1], y_true, 0.05, 5, 3)
+    assert table[2]["losses"][f"3/{math.inf:g}"] == pytest.approx(direct, rel=1e-4, abs=1e-6) and direct > 1e-3
