@@ -313,7 +313,7 @@ def add_reconstruction_args(p):
                    help="Gaussian smoothing of the objective: each iteration's loss and gradient are taken at the"
                         " dummies plus fresh noise of std S (normalised pixel units), S falling linearly to 0 over"
                         " the first --smooth_until of the run, so a rugged objective's narrow minima are blurred"
-                        " early and the true one is exact late (0: off)")
+                        " early and the true one is exact late; SimuDy's main run only (0: off)")
     g.add_argument("--smooth_until", default=0.5, type=float,
                    help="share of the iterations over which --smooth_sigma falls to 0")
     g.add_argument("--restarts", default=1, type=int,
