@@ -122,6 +122,14 @@ def check_init_snapshot(args):
         raise UserError(f"--init_snapshot {args.init_snapshot}: no such file; pass a snapshot <epoch>_<step>.pth")
 
 
+def check_smoothing(args):
+    """--smooth_sigma/--smooth_until values that cannot work (recons.py checks them before reading a file, the
+    API here too)."""
+    if args.smooth_sigma < 0 or not 0 < args.smooth_until <= 1:
+        raise UserError(f"--smooth_sigma {args.smooth_sigma} --smooth_until {args.smooth_until}: pass a noise std"
+                        f" >= 0 and a share of the run in (0, 1]")
+
+
 def check_reparam_flags(args, image_shape=None):
     """--coarse's, --pyramid's, --decorrelate_colours' and --chroma_tv's values that cannot work (recons.py
     checks them before reading a file, the API here too; image_shape, once known, for the image checks, where
@@ -173,6 +181,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
     check_reparam_flags(args, data["image_shape"])
     check_init_snapshot(args)
+    check_smoothing(args)
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
         return Reconstruction(x.cpu(), labels.cpu(), None, float("nan"), run_dir)

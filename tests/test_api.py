@@ -79,3 +79,12 @@ def test_unknown_api_option_names_the_known_ones():
     with pytest.raises(TypeError, match="rec_steps_per_epoch"):
         simudy.reconstruct(model, model.state_dict(), model.state_dict(), num_images=2, lr=0.1, batch_size=2,
                            epochs=1, image_shape=(1, 2, 2), num_classes=2, rec_step=3)
+
+
+def test_api_refuses_a_negative_smoothing_noise_in_one_line():
+    """The API meets the same one-line error as recons.py's --smooth_sigma check, before any iteration."""
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(UserError, match="pass a noise std >= 0") as e:
+        simudy.reconstruct(model, model.state_dict(), model.state_dict(), num_images=2, lr=0.1, batch_size=2,
+                           epochs=1, image_shape=(1, 2, 2), num_classes=2, smooth_sigma=-0.1)
+    assert "\n" not in str(e.value)
