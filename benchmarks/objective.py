@@ -22,9 +22,9 @@ true training's gradient norms, which a clip above them leaves unchanged at the 
 --swap_part P (with --sim_epochs) adds rows where the training images whose part of theta0 - theta_final
 (simudy.exposure.image_shares: ||Delta_i|| / ||theta0 - theta_final||) is below P, and then those at or above
 P, are swapped for images of the same class that no network here trained on (metrics.py --null_pool's pool;
---draws K draws): how far the objective moves when an image the change hardly holds is replaced by another
-garment, against where a run stops. A swap that moves 1 - cos by less than a run's end cannot be told from
-the truth by this objective, whatever the optimiser.
+--draws K draws), and then those below P for the pool images theta0 fits best: how far the objective moves
+when an image the change hardly holds is replaced by another garment, against where a run stops. A swap
+that moves 1 - cos far less than a run's end is as good as the truth for this objective, from there.
 
 --bn_prior adds a column with the BatchNorm prior of recons.py's --bn_prior (unweighted, at theta0, over
 batches of the training's batch size) of each row's images: where the truth sits on the prior against
@@ -166,7 +166,7 @@ def swapped_rows(run, x_true, y_true, part, draws, data_root):
     never-trained images of their class, and then the < part ones by the pool images of their class that
     theta0 fits best (lowest loss at theta0 of FITTED_POOL per class): the images an attacker cannot tell from
     the truth if the objective only sees that theta0 already fitted them. Draw k takes the k-th disjoint
-    chunk of the pool per class (in the pool's order, or by loss for the fitted kind)."""
+    chunk of each class's pool (in the pool's order, or by loss for the fitted kind)."""
     shares, _ = image_shares(run, x_true, y_true)
     small = shares < part
     per_class = max(int((y_true == c).sum()) for c in y_true.unique())
@@ -176,25 +176,22 @@ def swapped_rows(run, x_true, y_true, part, draws, data_root):
         raise SystemExit(f"--swap_part --draws {draws}: the pool has under {per_class * draws} never-trained images"
                          f" of class(es) {short}; pass fewer --draws")
     pool_loss = loss_per_image(run, pool, pool_labels)
-    true_loss = loss_per_image(run, x_true, y_true)
-    print(f"parts: {int(small.sum())} images < {part:g} (part {', '.join(f'{v:.3f}' for v in shares[small])}; "
-          f"loss at theta0 {', '.join(f'{v:.3f}' for v in true_loss[small])}), {int((~small).sum())} >= {part:g}")
+    plain = {int(c): pool[pool_labels == c] for c in y_true.unique()}
+    by_loss = {c: images[pool_loss[pool_labels == c].argsort()] for c, images in plain.items()}
+    fitted_loss = torch.cat([pool_loss[pool_labels == c].sort().values[:per_class * draws] for c in plain])
+    print(f"parts: {int(small.sum())} images < {part:g} (part {', '.join(f'{v:.3f}' for v in shares[small])}; loss"
+          f" at theta0 {', '.join(f'{v:.3f}' for v in loss_per_image(run, x_true, y_true)[small])}),"
+          f" {int((~small).sum())} >= {part:g}; fitted pool images' loss at theta0"
+          f" {fitted_loss.min():.4f}-{fitted_loss.max():.4f}")
     rows = []
-    for which, mask, fitted in [(f"part < {part:g} swapped", small, False), (f"part >= {part:g} swapped", ~small, False),
-                                (f"part < {part:g} swapped for fitted", small, True)]:
+    for which, mask, spares in [(f"part < {part:g} swapped", small, plain), (f"part >= {part:g} swapped", ~small, plain),
+                                (f"part < {part:g} swapped for fitted", small, by_loss)]:
         for k in range(draws):
             x = x_true.clone()
-            for c in y_true.unique():
+            for c, images in spares.items():
                 slots = ((y_true == c) & mask).nonzero().flatten()
-                spare = pool[pool_labels == c]
-                if fitted:
-                    spare = spare[pool_loss[pool_labels == c].argsort()]
-                spare = spare[k * per_class:]
-                x[slots] = spare[:len(slots)].to(x)
+                x[slots] = images[k * per_class:][:len(slots)].to(x)
             rows.append((f"{which}, draw {k}", x, y_true))
-        if fitted:
-            chosen = torch.cat([pool_loss[pool_labels == c].sort().values[:per_class * draws] for c in y_true.unique()])
-            print(f"fitted pool images' loss at theta0: {chosen.min():.4f}-{chosen.max():.4f}")
     return rows
 
 
