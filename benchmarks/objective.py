@@ -161,6 +161,21 @@ def true_gradient_norms(run, x, y):
 FITTED_POOL = 100  # pool images per class to pick the ones theta0 fits best from (--swap_part's third kind)
 
 
+def class_pools(run, y_true, need, data_root, fix):
+    """Per class of y_true: the never-trained pool images (metrics.py --null_pool's pool, at least FITTED_POOL
+    of them) in the pool's order, the same sorted by their loss at theta0 (the ones theta0 fits best first),
+    and those losses sorted. `need` images per class must be there, else an error ending in `fix`."""
+    pool, pool_labels, _ = images_never_trained_on(run.config, data_root, max(need, FITTED_POOL))
+    short = [int(c) for c in y_true.unique() if int((pool_labels == c).sum()) < need]
+    if short:
+        raise SystemExit(f"the pool has under {need} never-trained images of class(es) {short}; {fix}")
+    loss = loss_per_image(run, pool, pool_labels)
+    classes = [int(c) for c in y_true.unique()]
+    plain = {c: pool[pool_labels == c] for c in classes}
+    by_loss = {c: plain[c][loss[pool_labels == c].argsort()] for c in classes}
+    return plain, by_loss, {c: loss[pool_labels == c].sort().values for c in classes}
+
+
 def swapped_rows(run, x_true, y_true, part, draws, data_root):
     """(name, images, labels) with the images whose part of the change is < part, then >= part, replaced by
     never-trained images of their class, and then the < part ones by the pool images of their class that
@@ -170,15 +185,9 @@ def swapped_rows(run, x_true, y_true, part, draws, data_root):
     shares, _ = image_shares(run, x_true, y_true)
     small = shares < part
     per_class = max(int((y_true == c).sum()) for c in y_true.unique())
-    pool, pool_labels, _ = images_never_trained_on(run.config, data_root, max(per_class * draws, FITTED_POOL))
-    short = [int(c) for c in y_true.unique() if int((pool_labels == c).sum()) < per_class * draws]
-    if short:
-        raise SystemExit(f"--swap_part --draws {draws}: the pool has under {per_class * draws} never-trained images"
-                         f" of class(es) {short}; pass fewer --draws")
-    pool_loss = loss_per_image(run, pool, pool_labels)
-    plain = {int(c): pool[pool_labels == c] for c in y_true.unique()}
-    by_loss = {c: images[pool_loss[pool_labels == c].argsort()] for c, images in plain.items()}
-    fitted_loss = torch.cat([pool_loss[pool_labels == c].sort().values[:per_class * draws] for c in plain])
+    plain, by_loss, pool_loss = class_pools(run, y_true, per_class * draws, data_root,
+                                          f"pass fewer than --draws {draws}")
+    fitted_loss = torch.cat([losses[:per_class * draws] for losses in pool_loss.values()])
     print(f"parts: {int(small.sum())} images < {part:g} (part {', '.join(f'{v:.3f}' for v in shares[small])}; loss"
           f" at theta0 {', '.join(f'{v:.3f}' for v in loss_per_image(run, x_true, y_true)[small])}),"
           f" {int((~small).sum())} >= {part:g}; fitted pool images' loss at theta0"

@@ -10,7 +10,6 @@ options, defaults and outputs. Keyword options are recons.py's flags without the
 """
 import argparse
 import dataclasses
-import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -169,12 +168,13 @@ def check_reparam_flags(args, image_shape=None):
                         f" smaller resolution (e.g. half of it) or --coarse 0")
 
 
-def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, train_images=None):
+def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, train_images=None, constrain=None):
     """The reconstruction run that recons.py's flags `args` describe, on a TrainingRun, into run_dir, with
     the simulation's lr and batch size rlr, rbs (each a value or "auto"): the auto search first (each short
     run also scored when the training images are given; run_dir may then be a function of the resolved
     args), then SimuDy (or the baseline args.method) with its log, snapshots and resume state. Returns a
-    Reconstruction."""
+    Reconstruction. constrain(x), when given, runs on SimuDy's dummies after every main-run iteration
+    (benchmarks/fixed_images.py holds some of them at given images)."""
     data = run.config["data"]
     for note in unsimulated_defences(run.config["args"]):  # never a silent mismatch with the training
         print(note)
@@ -258,7 +258,13 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
             ranked.update(ranking=rank_dummies(norms, labels if args.ranking == "class_balanced" else None),
                           grad_norms=norms)
         return save_snapshot(run_dir, epoch, x, labels, epoch, step, **ranked)
-    iterate = functools.partial(simudy_iteration, setup, x, labels, opt, sched)
+
+    def iterate(iteration):
+        row = simudy_iteration(setup, x, labels, opt, sched, iteration)
+        if constrain is not None:
+            with torch.no_grad():
+                constrain(x)
+        return row
     loss = run_to_end(run_dir, state, start, total, args.max_iterations, iterate,
                       snapshot_interval(args.save_every, "simudy"), args.rec_steps_per_epoch, write_snapshot,
                       args.max_minutes)
