@@ -5,7 +5,8 @@ SimuDy with the training images whose part of theta0 - theta_final (simudy.expos
 class that theta0 fits best (--fix fitted: objective.py --swap_part's third kind, what an attacker with public
 data of the same kind could put there), and the others from recons.py's noise start; every dummy has its
 training image's label. The rest is recons.py's run, from the flags after `--` (they must name --train_dir
-and --recons_dir; --resume and --max_minutes work as there). If the images the change holds came back
+and --recons_dir; --resume and --max_minutes work as there; the run folder also gets fixed_images.json: which
+dummies were held, at what). If the images the change holds came back
 better here than in a plain run, the free dummies' errors on the other images would be what stops them; if
 not, what stops them is in their own part of the objective.
 
@@ -35,10 +36,11 @@ from simudy.api import reconstruct_from_args  # noqa: E402
 from simudy.exposure import image_shares  # noqa: E402
 from simudy.flags import pick_device, set_seed  # noqa: E402
 from simudy.method import initial_dummies  # noqa: E402
-from simudy.runs import CONFIG, TRAIN_SUBSET, list_snapshots, resolve_run  # noqa: E402
+from simudy.runs import CONFIG, TRAIN_SUBSET, list_snapshots, resolve_run, write_json  # noqa: E402
 from simudy.scoring import match_by_ssim, ssim_matrix  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
 
+HELD_RECORD = "fixed_images.json"  # in the run folder, beside recons.py's config.json
 RECOGNISED = 0.4  # a matched SSIM a person tells apart (benchmarks/README.md, the D tables' ">= 0.4")
 
 
@@ -121,6 +123,9 @@ def main(args):
                         "step": 0}, rec.init_snapshot)
         reconstruct_from_args(run, rec, device, rec.recons_dir, resolved.rlr, resolved.rbs, rec.train_dir,
                               constrain=hold)
+    # config.json names a start file that is gone: say in the folder which dummies were held, and at what
+    write_json(os.path.join(rec.recons_dir, HELD_RECORD), {"fix": args.fix, "part": args.part,
+                                                          "held": held.nonzero().flatten().tolist()})
     curves = {d: visible_curve(d, x_true, ~held) for d in [rec.recons_dir, *args.compare]}
     print(f"\n| run | iteration | avg SSIM | part >= {args.part:g}: mean SSIM | ... >= {RECOGNISED} |\n|---|---|---|---|---|")
     for d, rows in curves.items():

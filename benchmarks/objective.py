@@ -186,7 +186,7 @@ def swapped_rows(run, x_true, y_true, part, draws, data_root):
     small = shares < part
     per_class = max(int((y_true == c).sum()) for c in y_true.unique())
     plain, by_loss, pool_loss = class_pools(run, y_true, per_class * draws, data_root,
-                                          f"pass fewer than --draws {draws}")
+                                          f"pass --draws below {draws}")
     fitted_loss = torch.cat([losses[:per_class * draws] for losses in pool_loss.values()])
     print(f"parts: {int(small.sum())} images < {part:g} (part {', '.join(f'{v:.3f}' for v in shares[small])}; loss"
           f" at theta0 {', '.join(f'{v:.3f}' for v in loss_per_image(run, x_true, y_true)[small])}),"

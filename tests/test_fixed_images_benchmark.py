@@ -2,6 +2,7 @@
 fixed. On a tiny Fashion-MNIST MLP training: the held dummies are exactly their images at every snapshot
 (through a resume too) while the free ones move; two paths to the printed average SSIM (its table and
 quality.ssim_curve); --fix fitted holds pool images of the right class, the ones theta0 fits best."""
+import json
 import os
 
 import pytest
@@ -53,6 +54,8 @@ def test_held_images_stay_exactly_and_the_table_repeats_ssim_curve(fixed_images,
         x = torch.load(os.path.join("rec", stem + ".pth"))["x"]
         assert torch.equal(x[held], x_true[held])
         assert (x[~held] - x_true[~held]).abs().max() > 0.1  # the free ones are dummies, moving
+    with open(os.path.join("rec", fixed_images.HELD_RECORD)) as f:
+        assert json.load(f)["held"] == held.nonzero().flatten().tolist()
     quality = load_benchmark("quality")
     curve = out["curves"]["rec"]
     assert [(i, round(avg, 4)) for i, avg, *_ in curve] == [(i, s) for i, _, s in quality.ssim_curve("rec")]
