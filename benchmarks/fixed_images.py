@@ -110,9 +110,10 @@ def main(args):
     print(f"{int(held.sum())} of {len(held)} images held at {args.fix} (part < {args.part:g}); free:"
           f" {(~held).nonzero().flatten().tolist()}")
     mask = held.view(-1, 1, 1, 1)
+    mask_on_device, fixed_on_device = mask.to(device), fixed.to(device)  # once, not every iteration
 
     def hold(x):
-        x.copy_(torch.where(mask.to(x.device), fixed.to(x), x))
+        x.copy_(torch.where(mask_on_device, fixed_on_device, x))
 
     with tempfile.TemporaryDirectory() as tmp:
         if not rec.resume:  # a resumed run restores its own dummies, held ones included
