@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import build_model, uses_batchnorm
-from simudy.data import load_subset
+from simudy.data import load_dataset, load_subset, pretraining_indices
 from simudy.defences import Defence
 from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_runtime_args, add_training_hparam_args, pick_device,
                           set_seed)
 from simudy.runs import (CONFIG, THETA0, THETA_FINAL, TRAIN_SUBSET, library_versions, load_checkpoint,
-                         prepare_run_dir, pretrained_cache_path, train_dir_from_args, write_json)
+                         prepare_run_dir, pretrained_cache_path, pretraining_record_path, read_json,
+                         train_dir_from_args, write_json)
 from utils import run_main
 
 PAPER_PRETRAINED = "./models/pretrained.pth"  # the paper's (unpublished) theta0 for ResNet-18/CIFAR-10
@@ -122,32 +123,63 @@ def load_state_into(model, path, what):
                         f" pass the matching flags or another --pretrained file") from None
 
 
-def make_theta0(model, args, subset_indices, device):
+def make_theta0(model, args, subset_indices, num_classes, device):
     """Set the model to theta0; returns a note on where it came from (saved in config.json)."""
     init = args.init
     if init == "auto":
         init = "pretrained" if uses_batchnorm(args.model_name) else "random"
     if init == "random":
-        return {"theta0": "random init (seeded)"}
+        return {"theta0": "random init (seeded)", "theta0_data": None}
     if args.pretrained:
         load_state_into(model, args.pretrained, "--pretrained file")
-        return {"theta0": args.pretrained}
+        return {"theta0": args.pretrained, "theta0_data": None}  # its data is not known here
     if os.path.isfile(PAPER_PRETRAINED):
         try:
             model.load_state_dict(torch.load(PAPER_PRETRAINED, map_location="cpu"))
-            return {"theta0": PAPER_PRETRAINED}
+            return {"theta0": PAPER_PRETRAINED, "theta0_data": None}
         except RuntimeError:
             pass  # the paper's file is for another architecture; fall through to our pretraining
-    cache = pretrained_cache_path(args)
-    if os.path.isfile(cache):
-        load_state_into(model, cache, "cached pretraining")
-        return {"theta0": cache}
+    loaded, cache = load_cached_pretraining(model, args, subset_indices, num_classes)
+    if loaded:
+        return loaded
     model.to(device)
     info = pretrain(model, args, subset_indices, device)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
+    # theta0_data: which images the pretraining used, so that no later subset is one theta0 already saw
+    # (the cache's name does not hold the subset) and metrics.py --null_pool skips exactly those. Written
+    # first: a record without its cache is harmless, a cache without its record is not checked.
+    record = {"dataset": args.dataset, "images_per_class": args.pretrain_imgs, "excluded": sorted(subset_indices)}
+    write_json(pretraining_record_path(cache), record)
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, cache)
     print(f"pretrained theta0 saved to {cache} (train acc {info['pretrain_train_acc']:.3f})")
-    return {"theta0": cache, **info}
+    return {"theta0": cache, "theta0_data": record, **info}
+
+
+def load_cached_pretraining(model, args, subset_indices, num_classes):
+    """(theta0 info, cache) with a cached pretraining loaded into the model, or (None, the path to pretrain
+    into). A cache whose pretraining used an image of this subset (made for a smaller --num_imgs_per_class,
+    say) is not loaded: the subset gets a cache of its own."""
+    cache = pretrained_cache_path(args)
+    if not os.path.isfile(cache):
+        return None, cache
+    record_path = pretraining_record_path(cache)
+    if not os.path.isfile(record_path):
+        print(f"note: the cached theta0 {cache} has no record of its pretraining images (made before"
+              f" train.py kept one); delete it to pretrain anew with a record")
+        load_state_into(model, cache, "cached pretraining")
+        return {"theta0": cache}, cache
+    record = read_json(record_path)
+    _, targets, _ = load_dataset(args.dataset, args.data_root)
+    seen = set(subset_indices) & set(pretraining_indices(targets, num_classes, record))
+    if seen:
+        cache = pretrained_cache_path(args, excluded=subset_indices)
+        print(f"the shared cached theta0 was pretrained on {len(seen)} of this subset's images;"
+              f" using one pretrained without them: {cache}")
+        if not os.path.isfile(cache):
+            return None, cache
+        record = read_json(pretraining_record_path(cache))
+    load_state_into(model, cache, "cached pretraining")
+    return {"theta0": cache, "theta0_data": record}, cache
 
 
 def main(args):
@@ -159,7 +191,7 @@ def main(args):
     image_shape = list(subset["images"].shape[1:])
     model = build_model(args.model_name, subset["num_classes"], image_shape, args.width)
     prepare_run_dir(run_dir, args.overwrite)  # before a possibly long pretraining
-    theta0_info = make_theta0(model, args, subset["indices"].tolist(), device)
+    theta0_info = make_theta0(model, args, subset["indices"].tolist(), subset["num_classes"], device)
 
     model.to(device)
     theta0 = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

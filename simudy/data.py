@@ -228,23 +228,36 @@ def load_subset(dataset, data_root, num_imgs_per_class, offset=0, exclude=(), st
             "num_classes": num_classes}
 
 
+def pretraining_indices(targets, num_classes, record):
+    """The dataset indices train.py's pretraining of theta0 used, from its record (config.json's
+    "theta0_data"): the first `images_per_class` of each class outside the subset it excluded."""
+    return first_k_per_class(targets, record["images_per_class"], num_classes, 0, exclude=record["excluded"],
+                             strict=False)
+
+
 def images_never_trained_on(train_config, data_root, per_class):
     """(images, labels, note): `per_class` images of each class of the training's dataset that neither its
-    fine-tuning nor theta0's pretraining by train.py used (which took the first --pretrain_imgs per class
-    outside the subset; excluded whenever theta0 was not a random init), normalised as the training's.
-    note says when theta0 came from a file whose data no one recorded (--pretrained, the paper's file)."""
+    fine-tuning nor theta0's pretraining by train.py used, normalised as the training's. The pretraining's
+    images come from its record (config.json's "theta0_data"); a run folder from before that record reads
+    them off the cache's name (the first --pretrain_imgs per class outside this subset). note says when
+    theta0 came from a file whose data no one recorded (--pretrained, the paper's file)."""
     args, data = train_config["args"], train_config["data"]
     images, targets, _ = load_dataset(args["dataset"], data_root)
     num_classes = data["num_classes"]
     used = first_k_per_class(targets, args["num_imgs_per_class"], num_classes, args.get("offset", 0))
     theta0 = str(train_config.get("theta0", ""))
-    if not theta0.startswith("random"):
+    record = train_config.get("theta0_data")
+    if record:  # train.py pretrained theta0 and wrote down on which images
+        used += pretraining_indices(targets, num_classes, record)
+    elif not theta0.startswith("random"):  # skip what train.py's pretraining would take, to be safe
         used += first_k_per_class(targets, args.get("pretrain_imgs", 0), num_classes, 0, exclude=used, strict=False)
+    # a run folder from before the record: train.py's cache name says it pretrained theta0 itself
+    legacy_cache = ("theta0_data" not in train_config
+                    and f"_pimgs{args.get('pretrain_imgs')}_" in os.path.basename(theta0))
     pool = first_k_per_class(targets, per_class, num_classes, 0, exclude=used, strict=False)
     if not pool:
         raise UserError(f"{args['dataset']} has no image outside the training and pretraining; lower --null_pool")
-    pretrained_here = f"_pimgs{args.get('pretrain_imgs')}_" in os.path.basename(theta0)  # train.py's cache name
-    note = (None if theta0.startswith("random") or pretrained_here else
+    note = (None if theta0.startswith("random") or record or legacy_cache else
             f"theta0 came from {theta0}, whose data is not recorded: the pool may hold images it saw")
     mean, std = data["mean"], data["std"]
     return to_normalised_tensor(images, pool, mean, std), torch.tensor([targets[i] for i in pool]), note

@@ -8,6 +8,7 @@ snapshots <epoch>_<step>.pth or x_<step>.pth, resume.pth); metrics.py writes <re
 reconstruction run is: its training folder, simulated epochs, lr and batch size, Adam lr and folder.
 """
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -66,10 +67,20 @@ def train_dir_from_args(args, lr):
     return os.path.join(CKPT_ROOT, "model_ckpt", name)
 
 
-def pretrained_cache_path(args):
-    """Where train.py caches the theta0 it pretrains for a ResNet (reused by every run of these flags)."""
-    return os.path.join(CKPT_ROOT, "pretrained", f"{args.model_name}_w{args.width or 'paper'}_{args.dataset}"
-                        f"_pimgs{args.pretrain_imgs}_pep{args.pretrain_epochs}_seed{args.seed}.pth")
+def pretrained_cache_path(args, excluded=None):
+    """Where train.py caches the theta0 it pretrains for a ResNet (reused by every run of these flags).
+    excluded: the subset's indices, for a cache of that subset's own (their hash in the name), made when
+    the shared cache was pretrained on images of the subset."""
+    name = f"{args.model_name}_w{args.width or 'paper'}_{args.dataset}_pimgs{args.pretrain_imgs}" \
+           f"_pep{args.pretrain_epochs}_seed{args.seed}"
+    if excluded is not None:
+        name += "_excl" + hashlib.sha1(",".join(map(str, sorted(excluded))).encode()).hexdigest()[:8]
+    return os.path.join(CKPT_ROOT, "pretrained", name + ".pth")
+
+
+def pretraining_record_path(cache):
+    """The JSON beside a cached theta0 that says which images its pretraining used ("theta0_data")."""
+    return os.path.splitext(cache)[0] + ".json"
 
 
 def snapshot_path(run_dir, prefix, step):

@@ -323,15 +323,20 @@ def test_folder_with_empty_train_dir_is_a_user_error(tmp_path, offline):
 
 @pytest.mark.parametrize("theta0, skipped, noted", [
     ("./ckpts/pretrained/resnet18_w16_fashion_mnist_pimgs2_pep15_seed0.pth", 3, False),
-    ("random init (seeded)", 1, False), ("./models/pretrained.pth", 3, True)])
+    ("random init (seeded)", 1, False), ("./models/pretrained.pth", 3, True),
+    ({"images_per_class": 2, "excluded": []}, 2, False), ({"images_per_class": 3, "excluded": []}, 3, False)])
 def test_pool_never_trained_on_skips_the_subset_and_the_pretraining(fashion_fake, theta0, skipped, noted):
     """metrics.py --null_pool's pool: with theta0 pretrained by train.py (the first --pretrain_imgs per class
     outside the subset) the first 1 + 2 images of each class are skipped, with a random init only the subset's
     one; a theta0 from a file of unrecorded data skips the same and says so; the pool's pixels and labels are
-    the dataset's own, normalised as the training's."""
+    the dataset's own, normalised as the training's. A run folder with train.py's record of theta0's data
+    (theta0_data, here a pretraining of the first 2 or 3 per class, the subset's image among them) skips
+    exactly the subset and those."""
     mean, std = data.NORMALISATION["fashion_mnist"]
     config = {"args": {"dataset": "fashion_mnist", "num_imgs_per_class": 1, "offset": 0, "pretrain_imgs": 2},
               "data": {"num_classes": 10, "mean": mean, "std": std}, "theta0": theta0}
+    if isinstance(theta0, dict):
+        config.update(theta0="./ckpts/pretrained/x.pth", theta0_data={"dataset": "fashion_mnist", **theta0})
     pool, labels, note = data.images_never_trained_on(config, str(fashion_fake.root), 2)
     expected = [int(i) for c in range(10) for i in np.flatnonzero(np.asarray(fashion_fake.labels) == c)[skipped:skipped + 2]]
     expected.sort()  # the pool is in dataset order

@@ -8,6 +8,7 @@ import torch
 
 import train
 from models import MODELS, build_model
+from simudy.data import first_k_per_class, load_dataset, pretraining_indices
 from simudy.errors import UserError
 from tests.conftest import MLP_FLAGS
 from tests.helpers import one_line_error, run
@@ -59,3 +60,25 @@ def test_a_diverged_training_is_an_error_not_a_run(fashion_root, in_tmp_cwd):
     with pytest.raises(UserError, match="diverged.*lower --lr"):
         run(train, flags + ["--lr", 1e30, "--epochs", 2])
     assert not os.listdir(os.path.join("ckpts", "model_ckpt"))
+
+
+def test_a_cached_theta0_was_never_pretrained_on_the_subset(fashion_root, in_tmp_cwd):
+    """train.py caches a ResNet's pretrained theta0 per flags, and the cache's name does not hold the subset.
+    A run on the first image per class pretrains on the next 2 per class; a run on the first 2 must not reuse
+    that theta0 (it saw each class's second image) but pretrain one of its own; a third run on the first
+    image reuses the shared one. config.json's theta0_data names each pretraining's images: none in its subset."""
+    base = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "resnet18", "--width", 4,
+            "--pretrain_imgs", 2, "--pretrain_epochs", 1, "--lr", 0.01, "--epochs", 1, "--bs", 10]
+    configs = [json.load(open(os.path.join(run(train, base + ["--num_imgs_per_class", k, "--run_dir", f"run{i}"]),
+                                           "config.json"))) for i, k in enumerate((1, 2, 1))]
+    _, targets, _ = load_dataset("fashion_mnist", fashion_root)
+    for config in configs:
+        subset = first_k_per_class(targets, config["args"]["num_imgs_per_class"], 10)
+        pretraining = pretraining_indices(targets, 10, config["theta0_data"])
+        assert len(pretraining) == 20 and not set(subset) & set(pretraining)
+    shared = first_k_per_class(targets, 3, 10)[10:]  # what the first run's pretraining took: 2nd, 3rd per class
+    assert sorted(pretraining_indices(targets, 10, configs[0]["theta0_data"])) == sorted(shared)
+    assert configs[2]["theta0"] == configs[0]["theta0"] and "pretrain_images" not in configs[2]
+    assert "_excl" in configs[1]["theta0"] and configs[1]["pretrain_images"] == 20
+    assert not torch.equal(torch.load(os.path.join("run0", "theta0.pth"))["linear.weight"],
+                           torch.load(os.path.join("run1", "theta0.pth"))["linear.weight"])
