@@ -37,7 +37,7 @@ from simudy.exposure import image_shares  # noqa: E402
 from simudy.flags import pick_device, set_seed  # noqa: E402
 from simudy.method import initial_dummies  # noqa: E402
 from simudy.runs import CONFIG, TRAIN_SUBSET, list_snapshots, resolve_run, write_json  # noqa: E402
-from simudy.scoring import match_by_ssim, ssim_matrix  # noqa: E402
+from simudy.scoring import matched_ssim, ssim_matrix  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
 
 HELD_RECORD = "fixed_images.json"  # in the run folder, beside recons.py's config.json
@@ -82,10 +82,7 @@ def visible_curve(recons_dir, x_true, visible):
     rows = []
     for stem in list_snapshots(recons_dir):
         snap = torch.load(os.path.join(recons_dir, stem + ".pth"))
-        ssim = ssim_matrix(x_true, snap["x"])
-        matched = torch.zeros(len(x_true), dtype=ssim.dtype)
-        for r, c in match_by_ssim(ssim):
-            matched[r] = ssim[r, c]
+        matched = matched_ssim(ssim_matrix(x_true, snap["x"]))
         seen = matched[visible]
         rows.append((snap["epoch"] * steps_per_epoch + snap["step"], float(matched.mean()), float(seen.mean()),
                      int((seen >= RECOGNISED).sum())))

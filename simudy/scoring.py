@@ -134,10 +134,18 @@ def lpips_mean(train_px, recons_px, device, batch=64):
     return float(torch.cat(values).mean())
 
 
+def matched_ssim(ssim, method="greedy"):
+    """Per training image (a row of the N x M SSIM matrix): the SSIM of the reconstruction matched to it,
+    0 where none is (fewer reconstructions than images)."""
+    matched = torch.zeros(ssim.shape[0], dtype=ssim.dtype, device=ssim.device)
+    for r, c in match_by_ssim(ssim, method):
+        matched[r] = ssim[r, c]
+    return matched
+
+
 def paper_avg_ssim(train_images, recons, method="greedy"):
     """The paper's number: SSIM matching, matched sum over the number of training images (unmatched count 0)."""
-    ssim = ssim_matrix(train_images, recons)
-    return float(sum(ssim[r, c] for r, c in match_by_ssim(ssim, method)) / len(train_images))
+    return float(matched_ssim(ssim_matrix(train_images, recons), method).mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,8 +169,7 @@ def null_baseline(ssim_train_pool, train_labels, pool_labels, method="greedy"):
     scores = []
     for d in range(draws):
         chosen = torch.cat([members[c][d * k:(d + 1) * k] for c, k in need.items()])
-        sub = ssim_train_pool[:, chosen]
-        scores.append(float(sum(sub[r, c] for r, c in match_by_ssim(sub, method)) / len(train_labels)))
+        scores.append(float(matched_ssim(ssim_train_pool[:, chosen], method).mean()))
     return sum(scores) / len(scores), min(scores), max(scores)
 
 

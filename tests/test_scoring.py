@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from simudy.scoring import match_by_ssim, paper_avg_ssim, psnr_per_pair, ssim_matrix
+from simudy.scoring import match_by_ssim, matched_ssim, paper_avg_ssim, psnr_per_pair, ssim_matrix
 from tests.helpers import make_runs, paper_greedy, reference_avg_ssim, score, skimage_ssim
 
 pytestmark = pytest.mark.usefixtures("empty_torch_home")
@@ -59,6 +59,18 @@ def test_greedy_equals_paper_loop(n, m):
         pairs = match_by_ssim(ssim, "greedy")
         assert pairs == paper_greedy(ssim)
         assert len({r for r, _ in pairs}) == len({c for _, c in pairs}) == min(n, m)
+
+
+@pytest.mark.parametrize("n,m", [(5, 5), (6, 3), (3, 6)])
+def test_matched_ssim_equals_the_paper_loops_pairs(n, m):
+    """Per image, the matched reconstruction's SSIM: the paper's greedy loop's pairs read off the matrix,
+    0 for the images left without a reconstruction (n > m)."""
+    ssim = torch.rand(n, m, generator=torch.Generator().manual_seed(n + 7 * m), dtype=torch.float64)
+    expected = torch.zeros(n, dtype=torch.float64)
+    for r, c in paper_greedy(ssim):
+        expected[r] = ssim[r, c]
+    assert torch.equal(matched_ssim(ssim), expected)
+    assert int((matched_ssim(ssim) == 0).sum()) == max(0, n - m)
 
 
 def test_hungarian_total_at_least_greedy():
