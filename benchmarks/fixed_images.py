@@ -29,16 +29,15 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import recons  # noqa: E402
-from objective import class_pools  # noqa: E402
 from simudy.api import reconstruct_from_args  # noqa: E402
-from simudy.exposure import image_shares  # noqa: E402
+from simudy.exposure import class_pools, image_shares  # noqa: E402
 from simudy.flags import pick_device, set_seed  # noqa: E402
 from simudy.method import initial_dummies  # noqa: E402
 from simudy.runs import CONFIG, TRAIN_SUBSET, list_snapshots, resolve_run, write_json  # noqa: E402
 from simudy.scoring import matched_ssim, ssim_matrix  # noqa: E402
 from simudy.target import load_training_run  # noqa: E402
+from utils import run_main  # noqa: E402
 
 HELD_RECORD = "fixed_images.json"  # in the run folder, beside recons.py's config.json
 RECOGNISED = 0.4  # a matched SSIM a person tells apart (benchmarks/README.md, the D tables' ">= 0.4")
@@ -133,4 +132,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

@@ -46,14 +46,14 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from simudy.data import images_never_trained_on  # noqa: E402
-from simudy.exposure import image_shares  # noqa: E402
+from simudy.exposure import class_pools, image_shares  # noqa: E402
 from simudy.method import BatchNormPrior, match_loss  # noqa: E402
 from simudy.runs import load_checkpoint  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.search import simulated_change  # noqa: E402
 from simudy.simulate import flat, graph_free_steps, sgd_config_from_training  # noqa: E402
 from simudy.target import load_training_run, loss_per_image  # noqa: E402
+from utils import run_main  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -158,24 +158,6 @@ def true_gradient_norms(run, x, y):
     return [float(torch.sqrt(sum(u.pow(2).sum() for u in update))) / lr for *_, update in steps]
 
 
-FITTED_POOL = 100  # pool images per class to pick the ones theta0 fits best from (--swap_part's third kind)
-
-
-def class_pools(run, y_true, need, data_root, fix):
-    """Per class of y_true: the never-trained pool images (metrics.py --null_pool's pool, at least FITTED_POOL
-    of them) in the pool's order, the same sorted by their loss at theta0 (the ones theta0 fits best first),
-    and those losses sorted. `need` images per class must be there, else an error ending in `fix`."""
-    pool, pool_labels, _ = images_never_trained_on(run.config, data_root, max(need, FITTED_POOL))
-    short = [int(c) for c in y_true.unique() if int((pool_labels == c).sum()) < need]
-    if short:
-        raise SystemExit(f"the pool has under {need} never-trained images of class(es) {short}; {fix}")
-    loss = loss_per_image(run, pool, pool_labels)
-    classes = [int(c) for c in y_true.unique()]
-    plain = {c: pool[pool_labels == c] for c in classes}
-    by_loss = {c: plain[c][loss[pool_labels == c].argsort()] for c in classes}
-    return plain, by_loss, {c: loss[pool_labels == c].sort().values for c in classes}
-
-
 def swapped_rows(run, x_true, y_true, part, draws, data_root):
     """(name, images, labels) with the images whose part of the change is < part, then >= part, replaced by
     never-trained images of their class, and then the < part ones by the pool images of their class that
@@ -268,4 +250,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args)

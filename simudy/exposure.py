@@ -5,8 +5,10 @@ is large and hardly those theta0 already fitted, whose gradients leave little in
 import torch
 import torch.nn.functional as F
 
+from .data import images_never_trained_on
 from .errors import UserError
 from .simulate import flat, loss_gradient, sgd_config_from_training
+from .target import loss_per_image
 
 
 def check_shares_apply(train_args):
@@ -57,3 +59,23 @@ def image_shares(run, images, labels):
     parts = image_parts(run, images, labels)
     change = run.weight_change.to(parts)
     return parts.norm(dim=1) / change.norm(), F.cosine_similarity(parts, change[None], dim=1)
+
+
+# The objective check's decoys (benchmarks/objective.py, fixed_images.py): images the objective cannot tell
+# from the truth when theta0 already fits them.
+FITTED_POOL = 100  # pool images per class to pick the ones theta0 fits best from (--swap_part's third kind)
+
+
+def class_pools(run, y_true, need, data_root, fix):
+    """Per class of y_true: the never-trained pool images (metrics.py --null_pool's pool, at least FITTED_POOL
+    of them) in the pool's order, the same sorted by their loss at theta0 (the ones theta0 fits best first),
+    and those losses sorted. `need` images per class must be there, else an error ending in `fix`."""
+    pool, pool_labels, _ = images_never_trained_on(run.config, data_root, max(need, FITTED_POOL))
+    short = [int(c) for c in y_true.unique() if int((pool_labels == c).sum()) < need]
+    if short:
+        raise UserError(f"the pool has under {need} never-trained images of class(es) {short}; {fix}")
+    loss = loss_per_image(run, pool, pool_labels)
+    classes = [int(c) for c in y_true.unique()]
+    plain = {c: pool[pool_labels == c] for c in classes}
+    by_loss = {c: plain[c][loss[pool_labels == c].argsort()] for c in classes}
+    return plain, by_loss, {c: loss[pool_labels == c].sort().values for c in classes}

@@ -10,6 +10,7 @@ import torch
 import recons
 import train
 from simudy.search import change_agreement
+from simudy.errors import UserError
 from simudy.exposure import image_shares
 from simudy.target import load_training_run, loss_per_image
 from tests.helpers import load_benchmark, run
@@ -112,3 +113,5 @@ def test_swap_rows_replace_only_the_images_on_their_side_of_the_part(objective, 
     every = objective.swapped_rows(training, x_true, y_true, 10, 1, fashion_root)
     direct, _ = change_agreement(training, every[0][1], y_true, 0.05, 5, 3)
     assert table[2]["losses"][f"3/{math.inf:g}"] == pytest.approx(direct, rel=1e-4, abs=1e-6) and direct > 1e-3
+    with pytest.raises(UserError, match="pass --draws below 7000"):  # the pool is short: one line naming the fix
+        objective.swapped_rows(training, x_true, y_true, part, 7000, fashion_root)
