@@ -9,9 +9,9 @@ import torch
 
 import recons
 import train
-from simudy.search import change_agreement
 from simudy.errors import UserError
 from simudy.exposure import image_shares
+from simudy.search import change_agreement
 from simudy.target import load_training_run, loss_per_image
 from tests.helpers import load_benchmark, run
 
