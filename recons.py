@@ -28,7 +28,7 @@ import argparse
 import os
 
 from models import build_model
-from simudy.api import check_init_snapshot, check_reparam_flags, check_smoothing, reconstruct_from_args
+from simudy.api import check_init_snapshot, check_reparam_flags, check_restarts, check_smoothing, reconstruct_from_args
 from simudy.data import NORMALISATION
 from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_reconstruction_args, add_recons_id_args,
@@ -87,6 +87,7 @@ def check_args(args):
     if args.theta0 and args.image_shape is None:
         raise UserError("--theta0/--theta_final need the data's --image_shape C H W (and --num_classes)")
     check_init_snapshot(args)
+    check_restarts(args)
     if args.init_snapshot and not args.recons_dir:
         raise UserError("--init_snapshot's run would share the folder name of a run from noise; pass --recons_dir")
     if args.theta0 and not args.recons_dir:

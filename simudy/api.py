@@ -9,9 +9,11 @@ recons.py's reconstruction goes through `reconstruct_from_args` below, as `recon
 options, defaults and outputs. Keyword options are recons.py's flags without the dashes.
 """
 import argparse
-import dataclasses
+import functools
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,14 +25,34 @@ from .errors import UserError
 from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, is_explicit_off,
                     pick_device, preset_flags_off, preset_values, set_seed)
 from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
-from .method import (initial_dummies, rank_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers, simudy_setup,
-                     simulated_epochs, total_gradient_norms, with_smoothing)
-from .reparam import coarse_stage, pyramid_dummies
-from .runs import (AUTO, CONFIG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
+from .method import (SimuDySetup, initial_dummies, main_run_setup, rank_dummies, simudy_iteration, simudy_log_fields,
+                     simudy_optimisers, simulated_epochs, total_gradient_norms)
+from .runs import (AUTO, CONFIG, LOG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
                    write_csv, write_json)
 from .search import (GRID_SEARCH_STEPS, auto_search, best_start, norm_search, plot_auto_search,
                      search_candidates, short_run)
 from .target import training_config, training_run_from_states
+
+
+@dataclass
+class MainRun:
+    """SimuDy's main run from one start: its setup, dummies and labels, Adam and its schedule, and the bytes
+    its unrolled graph would need (None when --backprop was not auto)."""
+    setup: SimuDySetup
+    x: torch.Tensor
+    labels: torch.Tensor
+    opt: torch.optim.Optimizer
+    sched: object
+    graph_bytes: Optional[int]
+
+    @property
+    def log_fields(self):
+        return list(simudy_log_fields(self.setup))
+
+    def run_state(self):
+        """What --resume restores: the dummies and the reparametrisation's tensors, Adam and the schedule."""
+        tensors = {"x": self.x, **({} if self.setup.reparam is None else self.setup.reparam.named_tensors())}
+        return RunState(tensors, {"optimizer": self.opt, "scheduler": self.sched}, self.labels, self.log_fields)
 
 
 @dataclass
@@ -121,6 +143,17 @@ def check_init_snapshot(args):
         raise UserError(f"--init_snapshot {args.init_snapshot}: no such file; pass a snapshot <epoch>_<step>.pth")
 
 
+def check_restarts(args):
+    """--restarts/--restart_iterations values that cannot work (recons.py checks them before reading a file, the
+    API here too): each start runs the main run's first iterations, so fewer than the run has."""
+    total = args.rec_epochs * args.rec_steps_per_epoch
+    if args.restarts < 1 or (args.restarts > 1 and not 1 <= args.restart_iterations < total):
+        raise UserError(f"--restarts {args.restarts} --restart_iterations {args.restart_iterations}: pass at least 1"
+                        f" start, each run for 1 to {total - 1} of the run's {total} iterations")
+    if args.restarts > 1 and args.grid_search:
+        raise UserError("--grid_search's short run starts from one seed; drop --restarts for it")
+
+
 def check_smoothing(args):
     """--smooth_sigma/--smooth_until values that cannot work (recons.py checks them before reading a file, the
     API here too)."""
@@ -181,6 +214,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     num_dummy = num_dummies(args.num_dummy, data["num_images"], args.method)
     check_reparam_flags(args, data["image_shape"])
     check_init_snapshot(args)
+    check_restarts(args)
     check_smoothing(args)
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
@@ -201,29 +235,48 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
             run_dir = run_dir(args)
         print(f"\nauto search chose --rlr {rlr:g} --rbs {rbs} ({why}); run folder {run_dir}")
 
-    x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed, device)
-    if args.init_snapshot and not args.resume:  # a resumed run restores its own images and labels
-        x, labels = snapshot_start(args.init_snapshot, x, labels)
-    restarts = None
+    total = args.rec_epochs * args.rec_steps_per_epoch
+
+    def start_run(seed):
+        x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], seed, device)
+        if args.init_snapshot and not args.resume:  # a resumed run restores its own images and labels
+            x, labels = snapshot_start(args.init_snapshot, x, labels)
+        setup, graph_bytes = main_run_setup(run, rlr, rbs, argparse.Namespace(**{**vars(args), "seed": seed}), x,
+                                            labels, total)
+        return MainRun(setup, x, labels, *simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup,
+                                                             setup.reparam), graph_bytes)
+
+    def iterate(main, iteration):
+        row = simudy_iteration(main.setup, main.x, main.labels, main.opt, main.sched, iteration)
+        if constrain is not None:
+            with torch.no_grad():
+                constrain(main.x)
+        return row
+
+    began, restarts = time.time(), None
     if args.restarts > 1 and not args.resume:  # a resumed run restores its images and labels
         prepare_run_dir(run_dir, args.overwrite)  # refuse an existing folder before the slow restarts
-        x, labels, restarts = best_start(run, args, rlr, rbs, num_dummy, device, args.restarts,
-                                         args.restart_iterations)
-    setup, graph_bytes = simudy_setup(run, rlr, rbs, args, x, labels)
-    if graph_bytes is not None:
-        print(f"backprop: {setup.backprop} (the unrolled graph would need ~{graph_bytes / 2**30:.1f} GiB)")
-    total = args.rec_epochs * args.rec_steps_per_epoch
-    setup = with_smoothing(setup, args, total)
-    if args.coarse:  # the main run only: short runs (restarts, searches) move full-size dummies
-        setup = dataclasses.replace(setup, reparam=coarse_stage(x, args.coarse, args.coarse_iters))
-    elif (args.pyramid or args.decorrelate_colours) and not args.grid_search:  # its short run moves the images
-        setup = dataclasses.replace(setup, reparam=pyramid_dummies(
-            x, max(args.pyramid, 1), args.decorrelate_colours))
-    opt, sched = simudy_optimisers(x, args.rec_lr, args.schedule, total, args.warmup, setup.reparam)
-    fields = simudy_log_fields(setup)
-    tensors = {"x": x, **({} if setup.reparam is None else setup.reparam.named_tensors())}
-    state = RunState(tensors, {"optimizer": opt, "scheduler": sched}, labels, list(fields))
-    start = open_run(run_dir, state, args.resume, args.overwrite, device)
+        with tempfile.TemporaryDirectory(prefix="simudy_restarts_") as logs:
+            main, restart_log, restarts = best_start(start_run, iterate, range(args.seed, args.seed + args.restarts),
+                                                     args.restart_iterations, logs, began)
+            state = main.run_state()
+            open_run(run_dir, state, False, args.overwrite, device)
+            for name in os.listdir(logs):  # every start's log beside the run's, the winner's also as its start
+                shutil.move(os.path.join(logs, name), run_dir)
+        with open(os.path.join(run_dir, os.path.basename(restart_log))) as src, \
+                open(os.path.join(run_dir, LOG), "a") as dst:
+            dst.writelines(src.readlines()[1:])
+        start = args.restart_iterations
+    else:
+        seed = args.seed
+        if args.resume and args.restarts > 1:  # the chosen start's seed (its smoothing noise)
+            seed = read_json(os.path.join(run_dir, CONFIG)).get("restarts", {}).get("chosen_seed", seed)
+        main = start_run(seed)
+        state = main.run_state()
+        start = open_run(run_dir, state, args.resume, args.overwrite, device)
+    x, labels, setup, opt, sched = main.x, main.labels, main.setup, main.opt, main.sched
+    if main.graph_bytes is not None:
+        print(f"backprop: {setup.backprop} (the unrolled graph would need ~{main.graph_bytes / 2**30:.1f} GiB)")
     config = run_config(args, train_dir, device, rlr=rlr, rbs=rbs, num_dummy=num_dummy,
                         simulation=vars(setup.sgd), backprop=setup.backprop)
     if search:
@@ -234,7 +287,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
                                  "steps": GRID_SEARCH_STEPS if args.auto_criterion == "loss" else args.norm_iterations,
                                  "candidates": search}
     if restarts:
-        config["restarts"] = {"iterations": args.restart_iterations, "starts": restarts}
+        config["restarts"] = {"iterations": args.restart_iterations, "starts": restarts, "chosen_seed": setup.seed}
     if args.resume:  # a resumed run keeps the record of the search and the restarts that chose its start
         config.update({k: v for k, v in read_json(os.path.join(run_dir, CONFIG)).items()
                        if k in ("auto_search", "restarts") and k not in config})
@@ -259,15 +312,9 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
                           grad_norms=norms)
         return save_snapshot(run_dir, epoch, x, labels, epoch, step, **ranked)
 
-    def iterate(iteration):
-        row = simudy_iteration(setup, x, labels, opt, sched, iteration)
-        if constrain is not None:
-            with torch.no_grad():
-                constrain(x)
-        return row
-    loss = run_to_end(run_dir, state, start, total, args.max_iterations, iterate,
+    loss = run_to_end(run_dir, state, start, total, args.max_iterations, functools.partial(iterate, main),
                       snapshot_interval(args.save_every, "simudy"), args.rec_steps_per_epoch, write_snapshot,
-                      args.max_minutes)
+                      args.max_minutes, None if args.resume else began)
     if ranked:  # every run that ends or stops writes a snapshot at its last iteration
         write_csv(os.path.join(run_dir, RANKING),
                   [{"rank": r, "dummy": int(j), "label": int(labels[j]), "grad_norm": float(ranked["grad_norms"][j])}

@@ -317,9 +317,11 @@ def add_reconstruction_args(p):
     g.add_argument("--smooth_until", default=0.5, type=float,
                    help="share of the iterations over which --smooth_sigma falls to 0")
     g.add_argument("--restarts", default=1, type=int,
-                   help="K > 1: K starts (seeds seed..seed+K-1) run --restart_iterations each; the run goes on"
-                        " from the one with the lowest loss (costs K x those iterations first)")
-    g.add_argument("--restart_iterations", default=50, type=int, help="iterations of each restart")
+                   help="K > 1: the main run (its recipe, schedule and priors) from K starts (seeds seed..seed+K-1)"
+                        " for --restart_iterations each; it goes on from the one with the lowest loss then"
+                        " (costs (K - 1) x those iterations; --max_minutes counts them)")
+    g.add_argument("--restart_iterations", default=50, type=int,
+                   help="iterations of the main run each start gets before the lowest loss is kept")
     g.add_argument("--init_snapshot", default=None, metavar="FILE",
                    help="start the dummies and their labels from a snapshot <epoch>_<step>.pth of an earlier run"
                         " on the same training (a second cycle of a recipe: fresh Adam, schedule and warm start)")

@@ -119,19 +119,20 @@ class _StopOnSigterm:
 
 
 def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfinite=False, deadline=None,
-                   log_fields=LOG_FIELDS):
+                   log_fields=LOG_FIELDS, seconds_from=None):
     """The outer loop: iterate(i) computes the loss, moves the dummies and returns the log row; a log.csv
     row per iteration; save(i) writes a snapshot when one is due and returns its path (else None).
 
     A non-finite loss ends the run with a one-line error naming the last good snapshot, or with
     `stop_on_nonfinite` (short runs) a last row of total nan. Ctrl-C ends a run that saves resumably.
     The loop also ends after the first iteration that finishes past `deadline` (a time.time() value), or
-    after the iteration during which a SIGTERM came (runs that save).
+    after the iteration during which a SIGTERM came (runs that save). The log's seconds count from
+    `seconds_from` (a time.time() value; default: now).
     Returns (last row or None, how it ended: "completed", "deadline", "sigterm" or "interrupted")."""
     log_file = open(log_path, "a", newline="") if log_path else None
     log = csv.DictWriter(log_file, fieldnames=log_fields) if log_file else None
     bar = tqdm(iterations, desc="recons", disable=None)
-    started, last_good, row = time.time(), None, None
+    started, last_good, row = time.time() if seconds_from is None else seconds_from, None, None
     try:
         with _StopOnSigterm(save is not None) as sigterm:
             for iteration in bar:
@@ -163,13 +164,15 @@ def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfin
 
 
 def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every, steps_per_epoch,
-               write_snapshot, max_minutes=0):
+               write_snapshot, max_minutes=0, began=None):
     """Iterations start .. total, with a snapshot (write_snapshot(i) -> its path) and the resume state every
     `save_every` steps of an outer epoch (0: none) and at the last iteration. A run stopped early by
     --max_iterations, --max_minutes or SIGTERM writes both at its last iteration, so it can be scored and
-    resumed. Returns the last loss (nan if no iteration ran)."""
+    resumed. `began` (a time.time() value, default now): when the run began, for the log's seconds and the
+    --max_minutes budget (--restarts' short runs count). Returns the last loss (nan if no iteration ran)."""
     end = min(total, max_iterations or total)
-    deadline = time.time() + 60 * max_minutes if max_minutes else None
+    began = time.time() if began is None else began
+    deadline = began + 60 * max_minutes if max_minutes else None
 
     def due(iteration):
         return (save_every and iteration % steps_per_epoch % save_every == 0) or iteration == total - 1
@@ -184,7 +187,7 @@ def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every
         save_resume_state(run_dir, state, iteration)
         return newest[1]
     row, ended = run_iterations(iterate, range(start, end), os.path.join(run_dir, LOG), save, deadline=deadline,
-                                log_fields=state.log_fields)
+                                log_fields=state.log_fields, seconds_from=began)
     last = row["iteration"] if row else None
     if ended != "interrupted" and last is not None and last < total - 1:
         path = newest[1] if newest and newest[0] == last else save(last, stopping=True)

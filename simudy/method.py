@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 from .adjoint import auto_keep_every, choose_backprop, simulate_training_recompute
 from .errors import UserError
 from .loop import DEFAULT_NONFINITE_FIX, LOG_FIELDS, check_finite
-from .reparam import CHROMA_FROM_RGB, mix_colours
+from .reparam import CHROMA_FROM_RGB, coarse_stage, mix_colours, pyramid_dummies
 from .simulate import (SGDConfig, flat, graph_free_steps, parameter_bytes, scratch_buffers, sgd_config_from_training,
                        simulate_training)
 from .target import TrainingRun
@@ -273,6 +273,19 @@ def with_smoothing(setup, args, total):
     (short runs, for restarts and searches, take the loss at the dummies themselves)."""
     return dataclasses.replace(setup, smooth_sigma=args.smooth_sigma,
                                smooth_iterations=math.ceil(args.smooth_until * total), seed=args.seed)
+
+
+def main_run_setup(run, rlr, rbs, args, x, labels, total):
+    """(SimuDySetup, graph bytes or None) of the main run over `total` iterations: simudy_setup with the
+    smoothing and the reparametrisation (--coarse, or --pyramid / --decorrelate_colours) that only the main
+    run and its --restarts use (the searches' short runs move the images themselves)."""
+    setup, graph_bytes = simudy_setup(run, rlr, rbs, args, x, labels)
+    setup = with_smoothing(setup, args, total)
+    if args.coarse:
+        setup = dataclasses.replace(setup, reparam=coarse_stage(x, args.coarse, args.coarse_iters))
+    elif (args.pyramid or args.decorrelate_colours) and not args.grid_search:  # its short run moves the images
+        setup = dataclasses.replace(setup, reparam=pyramid_dummies(x, max(args.pyramid, 1), args.decorrelate_colours))
+    return setup, graph_bytes
 
 
 def adam_with_schedule(tensors, lr, t_max=None, lr_lambda=None):

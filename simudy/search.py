@@ -1,11 +1,14 @@
 """Unknown training hyper-parameters: the paper's selection of the simulation lr / batch size by short runs
 (--rlr/--rbs auto in-process, grid_search.sh across processes), its summary table, and the submitit
-launcher that runs grid_search.sh's candidates as a SLURM job array."""
+launcher that runs grid_search.sh's candidates as a SLURM job array; and the unknown start: --restarts keeps
+the start whose first main-run iterations reach the lowest loss."""
+import csv
 import dataclasses
 import functools
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -33,24 +36,31 @@ def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
     return float("nan") if row is None else row["total"]
 
 
-def best_start(run, args, rlr, rbs, num_dummy, device, restarts, iterations):
-    """--restarts K: K starts (seeds seed .. seed+K-1), each moved `iterations` SimuDy steps by the short-run
-    recipe (the --grid_search one); returns (x, labels, rows) of the start whose loss is lowest then, rows
-    holding every start's seed and loss. Costs K x iterations iterations before the run itself."""
-    data = run.config["data"]
+def best_start(start_run, iterate, seeds, iterations, log_dir, began=None):
+    """--restarts K: the main run started from each seed (start_run(seed) -> its state, with .x and .labels)
+    and run its first `iterations` iterations (iterate(state, i) -> log row), each start's log in
+    log_dir/restart_seed<seed>.csv. Returns the state of the start whose loss is lowest then, to continue
+    from iteration `iterations` on, its log's path, and rows of every start's seed and loss. The extra cost
+    is (K - 1) x iterations iterations: the winner's are the run's own first ones. Log seconds count from
+    `began` (a time.time() value; default: now)."""
+    began = time.time() if began is None else began
     rows, best = [], None
-    for k in range(restarts):
-        x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], args.seed + k, device)
-        setup, _ = simudy_setup(run, rlr, rbs, args, x, labels)
-        loss = short_run(setup, x, labels, args.rec_lr, iterations)
-        rows.append({"seed": args.seed + k, "loss": loss})
+    for seed in seeds:
+        state = start_run(seed)
+        log_path = os.path.join(log_dir, f"restart_seed{seed}.csv")
+        with open(log_path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=state.log_fields).writeheader()
+        row, _ = run_iterations(functools.partial(iterate, state), range(iterations), log_path,
+                                stop_on_nonfinite=True, log_fields=state.log_fields, seconds_from=began)
+        loss = float("nan") if row is None else row["total"]
+        rows.append({"seed": seed, "loss": loss})
         if math.isfinite(loss) and (best is None or loss < best[2]):
-            best = (x, labels, loss)
+            best = (state, log_path, loss)
     if best is None:
         raise UserError("every restart's loss became nan or inf; lower --rec_lr or --rlr")
     print("restarts: " + ", ".join(f"seed {r['seed']} loss {r['loss']:.4f}" for r in rows)
-          + f"; continuing from the lowest")
-    return best[0].detach().requires_grad_(True), best[1], rows
+          + f" after {iterations} iterations; continuing from the lowest")
+    return best[0], best[1], rows
 
 
 def search_candidates(rlr, rbs, tlr, bs, rlr_candidates, rbs_candidates):

@@ -182,23 +182,38 @@ def test_grid_search_short_run_logs_the_priors(cifar_cwd):
     assert float(log[0]["total"]) > float(log[0]["cos"]) + 0.1 * float(log[0]["chroma_tv"])
 
 
-def test_restarts_continue_from_the_lowest_loss_start(mlp_run):
-    """--restarts 3: three seeded starts, each moved by a short run; the run goes on from the lowest one,
-    which is the seed whose own short run reaches that loss; --restarts 1 is the plain run."""
-    common = mlp_run.flags + ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 1, "--rec_steps_per_epoch", 2,
-                              "--save_every", 1]
-    restarted = run(recons, common + ["--restarts", 3, "--restart_iterations", 4, "--recons_dir", "restarts"])
-    starts = json.load(open(os.path.join(restarted, "config.json")))["restarts"]["starts"]
-    assert [s["seed"] for s in starts] == [0, 1, 2] and len({s["loss"] for s in starts}) == 3
-    best = min(starts, key=lambda s: s["loss"])
-    plain = run(recons, common + ["--seed", best["seed"], "--recons_dir", "plain", "--max_iterations", 1])
-    assert torch.equal(torch.load(os.path.join(restarted, "labels.pth")),
-                       torch.load(os.path.join(plain, "labels.pth")))  # the winner's own labels
-    assert not torch.equal(torch.load(os.path.join(restarted, "0_0.pth"))["x"],
-                           torch.load(os.path.join(plain, "0_0.pth"))["x"])  # moved by its short run first
+def test_restarts_continue_the_lowest_loss_start_of_the_main_run(mlp_run):
+    """Two paths to one run: --restarts 3 runs the main run (here with a pyramid and one cosine decay) from
+    seeds 0, 1, 2 for 3 iterations and goes on from the lowest loss; the plain run with that seed gives the
+    same log and the same images at the end. --restarts 1 is the plain run."""
+    common = mlp_run.flags + ["--tlr", 0.05, "--steps", 1, "--rec_epochs", 2, "--rec_steps_per_epoch", 4,
+                              "--save_every", 2, "--pyramid", 2, "--schedule", "cosine"]
+    restarted = run(recons, common + ["--restarts", 3, "--restart_iterations", 3, "--recons_dir", "restarts"])
+    record = json.load(open(os.path.join(restarted, "config.json")))["restarts"]
+    assert [s["seed"] for s in record["starts"]] == [0, 1, 2] and len({s["loss"] for s in record["starts"]}) == 3
+    best = min(record["starts"], key=lambda s: s["loss"])
+    assert record["chosen_seed"] == best["seed"]
+    plain = run(recons, common + ["--seed", best["seed"], "--recons_dir", "plain"])
+    with open(os.path.join(restarted, "log.csv")) as f, open(os.path.join(plain, "log.csv")) as g:
+        logged, plain_log = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [r["iteration"] for r in logged] == [str(i) for i in range(8)]
+    assert float(logged[2]["total"]) == pytest.approx(best["loss"], rel=1e-6)  # the winner's own first rows
+    assert [float(r["total"]) for r in logged] == pytest.approx([float(r["total"]) for r in plain_log], rel=1e-5)
+    for seed in (0, 1, 2):  # every start's log is kept beside the run's
+        assert os.path.isfile(os.path.join(restarted, f"restart_seed{seed}.csv"))
+    torch.testing.assert_close(torch.load(os.path.join(restarted, "1_3.pth"))["x"],
+                               torch.load(os.path.join(plain, "1_3.pth"))["x"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.load(os.path.join(restarted, "labels.pth")), torch.load(os.path.join(plain, "labels.pth")))
     one = run(recons, common + ["--restarts", 1, "--recons_dir", "one"])
-    assert torch.equal(torch.load(os.path.join(one, "0_1.pth"))["x"],
-                       torch.load(os.path.join(run(recons, common + ["--recons_dir", "none"]), "0_1.pth"))["x"])
+    assert torch.equal(torch.load(os.path.join(one, "1_3.pth"))["x"], torch.load(os.path.join(plain if best["seed"] == 0
+                       else run(recons, common + ["--recons_dir", "none"]), "1_3.pth"))["x"])
+
+
+@pytest.mark.parametrize("flags", [["--restarts", 0], ["--restarts", 2, "--restart_iterations", 8],
+                                   ["--restarts", 2, "--grid_search", 1]])
+def test_restarts_that_cannot_work_fail_in_one_line_before_training_is_read(flags):
+    with pytest.raises(UserError, match="restarts"):
+        recons.check_args(recons.parse_args(["--rec_epochs", "2", "--rec_steps_per_epoch", "4"] + [str(f) for f in flags]))
 
 
 def test_lr_matching_norm_interpolates_where_the_ratio_crosses_zero():
