@@ -24,7 +24,8 @@ from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, is_explicit_off,
                     pick_device, preset_flags_off, preset_values, set_seed)
-from .loop import RunState, final_loss_text, open_run, run_to_end, save_snapshot, snapshot_interval
+from .loop import (RunState, final_loss_text, open_run, run_to_end, save_resume_state, save_snapshot,
+                   snapshot_interval)
 from .method import (SimuDySetup, initial_dummies, main_run_setup, rank_dummies, simudy_iteration, simudy_log_fields,
                      simudy_optimisers, simulated_epochs, total_gradient_norms)
 from .runs import (AUTO, CONFIG, LOG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
@@ -266,6 +267,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         with open(os.path.join(run_dir, os.path.basename(restart_log))) as src, \
                 open(os.path.join(run_dir, LOG), "a") as dst:
             dst.writelines(src.readlines()[1:])
+        save_resume_state(run_dir, state, args.restart_iterations - 1)  # a stop from here on keeps the restarts
         start = args.restart_iterations
     else:
         seed = args.seed

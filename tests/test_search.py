@@ -204,6 +204,11 @@ def test_restarts_continue_the_lowest_loss_start_of_the_main_run(mlp_run):
     torch.testing.assert_close(torch.load(os.path.join(restarted, "1_3.pth"))["x"],
                                torch.load(os.path.join(plain, "1_3.pth"))["x"], rtol=1e-5, atol=1e-6)
     assert torch.equal(torch.load(os.path.join(restarted, "labels.pth")), torch.load(os.path.join(plain, "labels.pth")))
+    stopped = common + ["--restarts", 3, "--restart_iterations", 3, "--recons_dir", "stopped"]
+    run(recons, stopped + ["--max_iterations", 3])  # stopped right after the restarts, then resumed
+    resumed = run(recons, stopped + ["--resume"])
+    torch.testing.assert_close(torch.load(os.path.join(resumed, "1_3.pth"))["x"],
+                               torch.load(os.path.join(plain, "1_3.pth"))["x"], rtol=1e-5, atol=1e-6)
     one = run(recons, common + ["--restarts", 1, "--recons_dir", "one"])
     assert torch.equal(torch.load(os.path.join(one, "1_3.pth"))["x"], torch.load(os.path.join(plain if best["seed"] == 0
                        else run(recons, common + ["--recons_dir", "none"]), "1_3.pth"))["x"])
