@@ -119,7 +119,7 @@ class _StopOnSigterm:
 
 
 def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfinite=False, deadline=None,
-                   log_fields=LOG_FIELDS, seconds_from=None):
+                   log_fields=LOG_FIELDS, began=None):
     """The outer loop: iterate(i) computes the loss, moves the dummies and returns the log row; a log.csv
     row per iteration; save(i) writes a snapshot when one is due and returns its path (else None).
 
@@ -127,12 +127,12 @@ def run_iterations(iterate, iterations, log_path=None, save=None, stop_on_nonfin
     `stop_on_nonfinite` (short runs) a last row of total nan. Ctrl-C ends a run that saves resumably.
     The loop also ends after the first iteration that finishes past `deadline` (a time.time() value), or
     after the iteration during which a SIGTERM came (runs that save). The log's seconds count from
-    `seconds_from` (a time.time() value; default: now).
+    `began` (a time.time() value; default: now).
     Returns (last row or None, how it ended: "completed", "deadline", "sigterm" or "interrupted")."""
     log_file = open(log_path, "a", newline="") if log_path else None
     log = csv.DictWriter(log_file, fieldnames=log_fields) if log_file else None
     bar = tqdm(iterations, desc="recons", disable=None)
-    started, last_good, row = time.time() if seconds_from is None else seconds_from, None, None
+    started, last_good, row = time.time() if began is None else began, None, None
     try:
         with _StopOnSigterm(save is not None) as sigterm:
             for iteration in bar:
@@ -187,7 +187,7 @@ def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every
         save_resume_state(run_dir, state, iteration)
         return newest[1]
     row, ended = run_iterations(iterate, range(start, end), os.path.join(run_dir, LOG), save, deadline=deadline,
-                                log_fields=state.log_fields, seconds_from=began)
+                                log_fields=state.log_fields, began=began)
     last = row["iteration"] if row else None
     if ended != "interrupted" and last is not None and last < total - 1:
         path = newest[1] if newest and newest[0] == last else save(last, stopping=True)

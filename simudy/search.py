@@ -51,7 +51,7 @@ def best_start(start_run, iterate, seeds, iterations, log_dir, began=None):
         with open(log_path, "w", newline="") as f:
             csv.DictWriter(f, fieldnames=state.log_fields).writeheader()
         row, _ = run_iterations(functools.partial(iterate, state), range(iterations), log_path,
-                                stop_on_nonfinite=True, log_fields=state.log_fields, seconds_from=began)
+                                stop_on_nonfinite=True, log_fields=state.log_fields, began=began)
         loss = float("nan") if row is None else row["total"]
         rows.append({"seed": seed, "loss": loss})
         if math.isfinite(loss) and (best is None or loss < best[2]):
