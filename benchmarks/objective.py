@@ -8,6 +8,9 @@ global match loss (recons.py's) and the per-layer 1 - cos averaged over paramete
 the first block, the last block and the classifier. A flat loss over SSIMs that a person would tell
 apart means the objective, not the optimiser, limits the reconstruction.
 
+Every table is headed by the training instance in one line: its fine-tuning's loss in the first epoch, at
+its highest and in the last epoch, and ||theta0 - theta_final||.
+
 --draws K repeats each sigma with K noise draws (seeds --seed ... --seed+K-1) and prints the spread of
 the global match loss instead: on a smooth objective the draws agree and the mean grows with sigma; on a
 rugged one (a training whose dynamics amplify small input changes) one sigma gives losses that differ
@@ -114,6 +117,19 @@ def bn_prior_value(run, x):
         return float(prior.at_theta0(run.theta0, run.buffers, x.split(bs), sgd_config_from_training(run.config["args"], lr)))
 
 
+def training_summary(run):
+    """The training instance in one line: how its fine-tuning's loss went (first epoch, highest, last) and how
+    far it moved theta0. One set of train.py flags gives instances that differ in both (the seed, the CPU's
+    float order) and reconstruct differently (benchmarks/README.md, "ResNets, session 31")."""
+    losses = [epoch["loss"] for epoch in run.config["history"]]
+    summary = {"first_loss": losses[0], "max_loss": max(losses), "final_loss": losses[-1],
+               "change_norm": float(run.weight_change.norm()), "pretrain_acc": run.config.get("pretrain_train_acc")}
+    pretrain = "" if summary["pretrain_acc"] is None else f"theta0's pretraining train acc {summary['pretrain_acc']:.3f}, "
+    print(f"training: {pretrain}loss {losses[0]:.3f} (first epoch), {max(losses):.3f} (highest), {losses[-1]:.3f}"
+          f" (last), ||theta0 - theta_final|| {summary['change_norm']:.3f}")
+    return summary
+
+
 def rows_to_score(x_true, y_true, sigmas, noise, snapshots):
     """(name, images, labels): the truth plus sigma * noise for each sigma, then each snapshot's images."""
     rows = [(sigma, x_true + sigma * noise, y_true) for sigma in sigmas]
@@ -208,6 +224,7 @@ def main(args):
     run = load_training_run(args.train_dir, "cpu")
     subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
     x_true, y_true = subset["images"], subset["labels"]
+    training_summary(run)
     if args.sim_epochs:
         norms = true_gradient_norms(run, x_true, y_true)
         print(f"true training: {len(norms)} steps, gradient norm {min(norms):.2f}-{max(norms):.2f}")

@@ -34,6 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from simudy.loop import main_run_iterations  # noqa: E402
 from simudy.runs import TRAIN_SUBSET, recorded_train_dir  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 
@@ -108,7 +109,7 @@ def ssim_curve(recons_dir):
 
 def planned_iterations(recons_args):
     if recons_args.method == "simudy":
-        return recons_args.rec_epochs * recons_args.rec_steps_per_epoch
+        return main_run_iterations(recons_args)
     return recons_args.baseline_steps
 
 

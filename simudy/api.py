@@ -24,8 +24,8 @@ from .defences import unsimulated_defences
 from .errors import UserError
 from .flags import (PRESETS, add_reconstruction_args, add_recons_id_args, add_runtime_args, is_explicit_off,
                     pick_device, preset_flags_off, preset_values, set_seed)
-from .loop import (RunState, final_loss_text, open_run, run_to_end, save_resume_state, save_snapshot,
-                   snapshot_interval)
+from .loop import (RunState, final_loss_text, main_run_iterations, open_run, run_to_end, save_resume_state,
+                   save_snapshot, snapshot_interval)
 from .method import (SimuDySetup, initial_dummies, main_run_setup, rank_dummies, simudy_iteration, simudy_log_fields,
                      simudy_optimisers, simulated_epochs, total_gradient_norms)
 from .runs import (AUTO, CONFIG, LOG, RANKING, load_checkpoint, prepare_run_dir, read_json, resolve_rec_lr, run_config,
@@ -147,7 +147,7 @@ def check_init_snapshot(args):
 def check_restarts(args):
     """--restarts/--restart_iterations values that cannot work (recons.py checks them before reading a file, the
     API here too): each start runs the main run's first iterations, so fewer than the run has."""
-    total = args.rec_epochs * args.rec_steps_per_epoch
+    total = main_run_iterations(args)
     if args.restarts < 1 or (args.restarts > 1 and not 1 <= args.restart_iterations < total):
         raise UserError(f"--restarts {args.restarts} --restart_iterations {args.restart_iterations}: pass at least 1"
                         f" start, each run for 1 to {total - 1} of the run's {total} iterations")
@@ -236,7 +236,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
             run_dir = run_dir(args)
         print(f"\nauto search chose --rlr {rlr:g} --rbs {rbs} ({why}); run folder {run_dir}")
 
-    total = args.rec_epochs * args.rec_steps_per_epoch
+    total = main_run_iterations(args)
 
     def start_run(seed):
         x, labels, _ = initial_dummies(num_dummy, data["image_shape"], data["num_classes"], seed, device)
@@ -267,7 +267,6 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         with open(os.path.join(run_dir, os.path.basename(restart_log))) as src, \
                 open(os.path.join(run_dir, LOG), "a") as dst:
             dst.writelines(src.readlines()[1:])
-        save_resume_state(run_dir, state, args.restart_iterations - 1)  # a stop from here on keeps the restarts
         start = args.restart_iterations
     else:
         seed = args.seed
@@ -294,6 +293,8 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         config.update({k: v for k, v in read_json(os.path.join(run_dir, CONFIG)).items()
                        if k in ("auto_search", "restarts") and k not in config})
     write_json(os.path.join(run_dir, CONFIG), config)
+    if restarts:  # a stop from here on keeps the restarts; written after config.json, which names the chosen seed
+        save_resume_state(run_dir, state, args.restart_iterations - 1)
 
     if args.grid_search:
         iterations = min(GRID_SEARCH_STEPS, args.max_iterations or GRID_SEARCH_STEPS)

@@ -196,6 +196,11 @@ def run_to_end(run_dir, state, start, total, max_iterations, iterate, save_every
     return float("nan") if row is None else row["total"]
 
 
+def main_run_iterations(args):
+    """The main run's length in outer iterations: --rec_epochs outer epochs of --rec_steps_per_epoch each."""
+    return args.rec_epochs * args.rec_steps_per_epoch
+
+
 def snapshot_interval(requested, kind):
     """--save_every, or the paper code's interval for SimuDy / the baselines."""
     return SAVE_EVERY[kind] if requested is None else requested

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, vmap
 
 from .adjoint import auto_keep_every, choose_backprop, simulate_training_recompute
 from .errors import UserError
-from .loop import DEFAULT_NONFINITE_FIX, LOG_FIELDS, check_finite
+from .loop import DEFAULT_NONFINITE_FIX, LOG_FIELDS, check_finite, main_run_iterations
 from .reparam import CHROMA_FROM_RGB, coarse_stage, mix_colours, pyramid_dummies
 from .simulate import (SGDConfig, flat, graph_free_steps, parameter_bytes, scratch_buffers, sgd_config_from_training,
                        simulate_training)
@@ -258,7 +258,7 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
         bn_prior = BatchNormPrior(run.model, run.buffers)
         if not bn_prior.layers:
             raise UserError("--bn_prior needs a model with BatchNorm layers (a ResNet); drop it for this model")
-    total = args.rec_epochs * args.rec_steps_per_epoch
+    total = main_run_iterations(args)
     return SimuDySetup(run, rbs, args.steps, sgd, sgd_config_from_training(train_args, rlr, args.clip_norm,
                                                                             args.clip_to),
                        args.clip_epochs, args.rec_steps_per_epoch, args.tv_weight, args.loss_type, backprop,

@@ -6,12 +6,15 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 import recons
 import train
 from simudy.errors import UserError
 from simudy.exposure import image_shares
 from simudy.search import change_agreement
+from simudy.simulate import graph_free_steps, sgd_config_from_training
 from simudy.target import load_training_run, loss_per_image
 from tests.helpers import load_benchmark, run
 
@@ -115,3 +118,29 @@ def test_swap_rows_replace_only_the_images_on_their_side_of_the_part(objective, 
     assert table[2]["losses"][f"3/{math.inf:g}"] == pytest.approx(direct, rel=1e-4, abs=1e-6) and direct > 1e-3
     with pytest.raises(UserError, match="pass --draws below 7000"):  # the pool is short: one line naming the fix
         objective.swapped_rows(training, x_true, y_true, part, 7000, fashion_root)
+
+
+def test_training_summary_repeats_the_training_replayed(objective, fashion_root, in_tmp_cwd):
+    """Two paths to the instance line: train.py's history (each epoch's mean loss of its batches, each taken
+    before its step) and the training replayed by the simulation's own graph-free steps on the subset; the
+    change's norm from the two checkpoint files."""
+    flags = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "mlp", "--width", 16,
+             "--num_imgs_per_class", 1, "--bs", 5]
+    train_dir = run(train, flags + ["--lr", 0.5, "--epochs", 4])
+    training_run = load_training_run(train_dir, "cpu")
+    summary = objective.training_summary(training_run)
+    subset = torch.load(os.path.join(train_dir, "train_subset.pth"))
+    batches = list(zip(subset["images"].split(5), subset["labels"].split(5)))
+    lr, _, epochs = objective.training(training_run)
+    sgd = sgd_config_from_training(training_run.config["args"], lr)
+    batch_losses = [F.cross_entropy(functional_call(training_run.model, dict(zip(training_run.theta0, params)),
+                                                    (batches[b][0],)), batches[b][1]).item()
+                    for _, b, params, _, _ in graph_free_steps(training_run.model, training_run.theta0,
+                                                               training_run.buffers, batches, epochs, sgd)]
+    per_epoch = [sum(batch_losses[e * 2:e * 2 + 2]) / 2 for e in range(epochs)]
+    assert [summary["first_loss"], summary["max_loss"], summary["final_loss"]] == pytest.approx(
+        [per_epoch[0], max(per_epoch), per_epoch[-1]], rel=1e-4)
+    assert per_epoch[-1] < per_epoch[0]  # the lr trains: the three numbers are not one
+    theta0, theta_final = (torch.load(os.path.join(train_dir, f)) for f in ("theta0.pth", "theta_final.pth"))
+    norm = torch.sqrt(sum((theta0[k] - theta_final[k]).pow(2).sum() for k in training_run.theta0))
+    assert summary["change_norm"] == pytest.approx(float(norm), rel=1e-5) and summary["change_norm"] > 0
