@@ -121,12 +121,14 @@ def training_summary(run):
     """The training instance in one line: how its fine-tuning's loss went (first epoch, highest, last) and how
     far it moved theta0. One set of train.py flags gives instances that differ in both (the seed, the CPU's
     float order) and reconstruct differently (benchmarks/README.md, "ResNets, session 31")."""
-    losses = [epoch["loss"] for epoch in run.config["history"]]
-    summary = {"first_loss": losses[0], "max_loss": max(losses), "final_loss": losses[-1],
-               "change_norm": float(run.weight_change.norm()), "pretrain_acc": run.config.get("pretrain_train_acc")}
+    losses = [epoch["loss"] for epoch in run.config.get("history", [])]  # a folder of an older train.py has none
+    summary = {"first_loss": losses[0] if losses else None, "max_loss": max(losses, default=None),
+               "final_loss": losses[-1] if losses else None, "change_norm": float(run.weight_change.norm()),
+               "pretrain_acc": run.config.get("pretrain_train_acc")}
     pretrain = "" if summary["pretrain_acc"] is None else f"theta0's pretraining train acc {summary['pretrain_acc']:.3f}, "
-    print(f"training: {pretrain}loss {losses[0]:.3f} (first epoch), {max(losses):.3f} (highest), {losses[-1]:.3f}"
-          f" (last), ||theta0 - theta_final|| {summary['change_norm']:.3f}")
+    fit = (f"loss {losses[0]:.3f} (first epoch), {max(losses):.3f} (highest), {losses[-1]:.3f} (last), " if losses
+           else "no loss history in its config.json, ")
+    print(f"training: {pretrain}{fit}||theta0 - theta_final|| {summary['change_norm']:.3f}")
     return summary
 
 

@@ -144,3 +144,6 @@ def test_training_summary_repeats_the_training_replayed(objective, fashion_root,
     theta0, theta_final = (torch.load(os.path.join(train_dir, f)) for f in ("theta0.pth", "theta_final.pth"))
     norm = torch.sqrt(sum((theta0[k] - theta_final[k]).pow(2).sum() for k in training_run.theta0))
     assert summary["change_norm"] == pytest.approx(float(norm), rel=1e-5) and summary["change_norm"] > 0
+    training_run.config.pop("history")  # a folder of an older train.py: the norm alone, no KeyError
+    assert objective.training_summary(training_run) == {**summary, "first_loss": None, "max_loss": None,
+                                                        "final_loss": None}
