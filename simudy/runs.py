@@ -88,6 +88,11 @@ def snapshot_path(run_dir, prefix, step):
     return os.path.join(run_dir, f"{prefix}_{step}.pth")
 
 
+def restart_log_path(run_dir, seed):
+    """--restarts: the log of the start from `seed`, kept beside the run's log.csv."""
+    return os.path.join(run_dir, f"restart_seed{seed}.csv")
+
+
 def list_snapshots(recons_dir, pattern=SNAPSHOT_PATTERN["any"]):
     """Snapshot stems in the folder, oldest first (numeric order of epoch and step)."""
     if not os.path.isdir(recons_dir):

@@ -17,7 +17,7 @@ from .errors import UserError
 from .loop import run_iterations
 from .method import (cosine_distance, initial_dummies, simudy_iteration, simudy_log_fields, simudy_optimisers,
                      simudy_setup)
-from .runs import AUTO, read_json, write_csv, write_json
+from .runs import AUTO, read_json, restart_log_path, write_csv, write_json
 from .scoring import paper_avg_ssim
 from .simulate import flat, sgd_config_from_training, simulate_training
 
@@ -37,25 +37,25 @@ def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
 
 
 def best_start(start_run, iterate, seeds, iterations, log_dir, began=None):
-    """--restarts K: the main run started from each seed (start_run(seed) -> its state, with .x and .labels)
-    and run its first `iterations` iterations (iterate(state, i) -> log row), each start's log in
-    log_dir/restart_seed<seed>.csv. Returns the state of the start whose loss is lowest then, to continue
-    from iteration `iterations` on, its log's path, and rows of every start's seed and loss. The extra cost
-    is (K - 1) x iterations iterations: the winner's are the run's own first ones. Log seconds count from
+    """--restarts K: the main run started from each seed (start_run(seed) -> that start, with .x, .labels and
+    .log_fields) and run its first `iterations` iterations (iterate(start, i) -> log row), each start's log
+    in log_dir (runs.restart_log_path). Returns the start whose loss is lowest then, to continue from
+    iteration `iterations` on, its log's path, and rows of every start's seed and loss. The extra cost is
+    (K - 1) x iterations iterations: the winner's are the run's own first ones. Log seconds count from
     `began` (a time.time() value; default: now)."""
-    began = time.time() if began is None else began
+    began = time.time() if began is None else began  # one clock for every start's log
     rows, best = [], None
     for seed in seeds:
-        state = start_run(seed)
-        log_path = os.path.join(log_dir, f"restart_seed{seed}.csv")
+        start = start_run(seed)
+        log_path = restart_log_path(log_dir, seed)
         with open(log_path, "w", newline="") as f:
-            csv.DictWriter(f, fieldnames=state.log_fields).writeheader()
-        row, _ = run_iterations(functools.partial(iterate, state), range(iterations), log_path,
-                                stop_on_nonfinite=True, log_fields=state.log_fields, began=began)
+            csv.DictWriter(f, fieldnames=start.log_fields).writeheader()
+        row, _ = run_iterations(functools.partial(iterate, start), range(iterations), log_path,
+                                stop_on_nonfinite=True, log_fields=start.log_fields, began=began)
         loss = float("nan") if row is None else row["total"]
         rows.append({"seed": seed, "loss": loss})
         if math.isfinite(loss) and (best is None or loss < best[2]):
-            best = (state, log_path, loss)
+            best = (start, log_path, loss)
     if best is None:
         raise UserError("every restart's loss became nan or inf; lower --rec_lr or --rlr")
     print("restarts: " + ", ".join(f"seed {r['seed']} loss {r['loss']:.4f}" for r in rows)
