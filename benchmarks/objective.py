@@ -114,7 +114,8 @@ def bn_prior_value(run, x):
     lr, bs, _ = training(run)
     prior = BatchNormPrior(run.model, run.buffers)
     with torch.no_grad():
-        return float(prior.at_theta0(run.theta0, run.buffers, x.split(bs), sgd_config_from_training(run.config["args"], lr)))
+        sgd = sgd_config_from_training(run.config["args"], lr)
+        return float(prior.at_theta0(run.theta0, run.buffers, x.split(bs), sgd))
 
 
 def training_summary(run):
@@ -125,7 +126,8 @@ def training_summary(run):
     summary = {"first_loss": losses[0] if losses else None, "max_loss": max(losses, default=None),
                "final_loss": losses[-1] if losses else None, "change_norm": float(run.weight_change.norm()),
                "pretrain_acc": run.config.get("pretrain_train_acc")}
-    pretrain = "" if summary["pretrain_acc"] is None else f"theta0's pretraining train acc {summary['pretrain_acc']:.3f}, "
+    pretrain = ("" if summary["pretrain_acc"] is None
+                else f"theta0's pretraining train acc {summary['pretrain_acc']:.3f}, ")
     fit = (f"loss {losses[0]:.3f} (first epoch), {max(losses):.3f} (highest), {losses[-1]:.3f} (last), " if losses
            else "no loss history in its config.json, ")
     print(f"training: {pretrain}{fit}||theta0 - theta_final|| {summary['change_norm']:.3f}")

@@ -96,7 +96,8 @@ def reconstruct(model, theta0, theta_final, num_images, lr, batch_size, epochs, 
     order (no shuffling); image_shape is (C, H, W) of one training image; mean and std (per channel) the
     images' normalisation, needed only by box=True. Options are
     recons.py's flags (preset="fast", rec_epochs=..., method="one_step", num_dummy=..., rlr="auto", ...);
-    steps=0 simulates `epochs` (the fast preset's choice; the paper's code simulates 8). Without run_dir the run folder is a temporary one, removed at the end.
+    steps=0 simulates `epochs` (the fast preset's choice; the paper's code simulates 8). Without run_dir the
+    run folder is a temporary one, removed at the end.
     Returns a Reconstruction."""
     args = reconstruction_args(**options)
     config = training_config(lr, batch_size, epochs, num_images, num_classes, image_shape, momentum, weight_decay,
