@@ -128,8 +128,8 @@ def training_summary(run):
                "pretrain_acc": run.config.get("pretrain_train_acc")}
     pretrain = ("" if summary["pretrain_acc"] is None
                 else f"theta0's pretraining train acc {summary['pretrain_acc']:.3f}, ")
-    fit = (f"loss {losses[0]:.3f} (first epoch), {max(losses):.3f} (highest), {losses[-1]:.3f} (last), " if losses
-           else "no loss history in its config.json, ")
+    fit = (f"loss {summary['first_loss']:.3f} (first epoch), {summary['max_loss']:.3f} (highest),"
+           f" {summary['final_loss']:.3f} (last), " if losses else "no loss history in its config.json, ")
     print(f"training: {pretrain}{fit}||theta0 - theta_final|| {summary['change_norm']:.3f}")
     return summary
 
