@@ -20,6 +20,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from simudy.method import cosine_distance, reconstruction_loss, simudy_optimisers, total_variation  # noqa: E402
+from simudy.scoring import paper_avg_ssim  # noqa: E402
+from simudy.simulate import sgd_config_from_training, simulate_training  # noqa: E402
+from simudy.target import load_training_run  # noqa: E402
+
 CONFIG_B_RUN = os.path.join(ROOT, "benchmarks", "runs", "B", "ckpts", "model_ckpt",
                             "resnet18_w16_folder_num_img20_bsz20_lr0.01")
 
@@ -45,8 +52,6 @@ def parse_args(argv=None):
 def layer_cos_loss(run, x, labels, bs, steps, sgd, tv_weight):
     """(total, match, tv) as recons.reconstruction_loss, with match = mean over parameter tensors of
     1 - cos(simulated change, true change)."""
-    from simudy.method import cosine_distance, total_variation
-    from simudy.simulate import simulate_training
     batches = list(zip(x.split(bs), labels.split(bs)))
     _, displacement, _ = simulate_training(run.model, run.theta0, run.buffers, batches, steps, sgd)
     true = run.weight_change.split([v.numel() for v in displacement.values()])
@@ -56,13 +61,6 @@ def layer_cos_loss(run, x, labels, bs, steps, sgd, tv_weight):
 
 
 def main(args):
-    import torch
-    import torch.nn.functional as F
-    from simudy.method import reconstruction_loss, simudy_optimisers
-    from simudy.scoring import paper_avg_ssim
-    from simudy.simulate import sgd_config_from_training
-    from simudy.target import load_training_run
-
     torch.set_num_threads(args.threads)
     run = load_training_run(args.train_dir, "cpu")
     subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))

@@ -34,6 +34,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import metrics  # noqa: E402
+import recons  # noqa: E402
+import train  # noqa: E402
 from simudy.loop import main_run_iterations  # noqa: E402
 from simudy.runs import TRAIN_SUBSET, recorded_train_dir  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
@@ -114,9 +117,6 @@ def planned_iterations(recons_args):
 
 
 def run_config(name, method_name, args):
-    import metrics
-    import recons
-    import train
     shared, train_only, goal_minutes = CONFIGS[name]
     minutes = args.minutes or goal_minutes
     iteration_flags = [f for flag, value in (("--rec_epochs", args.rec_epochs),
