@@ -31,11 +31,14 @@ that moves 1 - cos far less than a run's end is as good as the truth for this ob
 
 --bn_prior adds a column with the BatchNorm prior of recons.py's --bn_prior (unweighted, at theta0, over
 batches of the training's batch size) of each row's images: where the truth sits on the prior against
-the noise and a reconstruction. --snapshots FILE ... adds a row per recons.py snapshot (its images with
+the noise and a reconstruction. --colour (colour images) adds, per row, the std and TV of each of
+--decorrelate_colours' coordinates (luminance, chroma 1, chroma 2): how smooth a run's colour is against the
+truth's, what --tv_weight and --chroma_tv pull on. --snapshots FILE ... adds a row per recons.py snapshot (its images with
 its labels, SSIM after matching as metrics.py), so the truth and a run's end are read in one table.
 
     python benchmarks/objective.py --train_dir benchmarks/runs/D/ckpts/model_ckpt/<run>
     python benchmarks/objective.py --train_dir <run> --sigmas 0 0.1 1 --bn_prior --snapshots <recons>/3_374.pth
+    python benchmarks/objective.py --train_dir <run> --sigmas 0 --colour --snapshots <recons>/2_175.pth
     python benchmarks/objective.py --train_dir <run> --sim_epochs 8 12 20 --clips 5 8 --snapshots <recons>/3_324.pth
     python benchmarks/objective.py --train_dir <run> --sim_epochs 8 20 --swap_part 0.2 --draws 5 --snapshots ...
 """
@@ -49,8 +52,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from simudy.errors import UserError  # noqa: E402
 from simudy.exposure import class_pools, image_shares  # noqa: E402
-from simudy.method import BatchNormPrior, match_loss  # noqa: E402
+from simudy.method import BatchNormPrior, match_loss, total_variation  # noqa: E402
+from simudy.reparam import COLOUR_FROM_RGB, mix_colours  # noqa: E402
 from simudy.runs import load_checkpoint  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.search import simulated_change  # noqa: E402
@@ -69,6 +74,9 @@ def parse_args(argv=None):
                    help="noise draws per sigma; > 1 prints the match loss's mean, min and max over them")
     p.add_argument("--bn_prior", action="store_true",
                    help="add a column with each row's BatchNorm prior at theta0 (recons.py's --bn_prior, unweighted)")
+    p.add_argument("--colour", action="store_true",
+                   help="add columns with each row's std / TV per decorrelated colour coordinate to the sigma table"
+                        " (3-channel images)")
     p.add_argument("--sim_epochs", type=int, nargs="+", default=[], metavar="E",
                    help="the match loss with E simulated epochs, for the truth and each snapshot (see above)")
     p.add_argument("--clips", type=float, nargs="+", default=[], metavar="C",
@@ -116,6 +124,17 @@ def bn_prior_value(run, x):
     with torch.no_grad():
         sgd = sgd_config_from_training(run.config["args"], lr)
         return float(prior.at_theta0(run.theta0, run.buffers, x.split(bs), sgd))
+
+
+COLOUR_COORDINATES = ("luminance", "chroma 1", "chroma 2")
+
+
+def colour_statistics(x):
+    """{coordinate: (std, TV)} of the RGB images x in --decorrelate_colours' coordinates (TV as the
+    paper's, recons.py's --tv_weight and --chroma_tv), over all images."""
+    y = mix_colours(x, COLOUR_FROM_RGB)
+    return {name: (y[:, c].std().item(), total_variation(y[:, c]).item())
+            for c, name in enumerate(COLOUR_COORDINATES)}
 
 
 def training_summary(run):
@@ -228,6 +247,8 @@ def main(args):
     run = load_training_run(args.train_dir, "cpu")
     subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
     x_true, y_true = subset["images"], subset["labels"]
+    if args.colour and x_true.shape[1] != 3:
+        raise UserError(f"--colour needs 3-channel images; {args.train_dir} has {x_true.shape[1]}: drop --colour")
     training_summary(run)
     if args.sim_epochs:
         norms = true_gradient_norms(run, x_true, y_true)
@@ -250,7 +271,8 @@ def main(args):
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(x_true.shape, generator=gen)
     header = (["sigma", "SSIM", "match (global)", "mean per-tensor"] + sorted(share)
-              + (["BN prior"] if args.bn_prior else []))
+              + (["BN prior"] if args.bn_prior else [])
+              + ([f"{c} std / TV" for c in COLOUR_COORDINATES] if args.colour else []))
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     rows = []
     for name, x, labels in rows_to_score(x_true, y_true, args.sigmas, noise, args.snapshots):
@@ -263,10 +285,13 @@ def main(args):
                "per_tensor": sum(per.values()) / len(per), **by_group}
         if args.bn_prior:
             row["bn_prior"] = bn_prior_value(run, x)
+        if args.colour:
+            row["colour"] = colour_statistics(x)
         rows.append(row)
         print(f"| {name} | {row['ssim']:.3f} | {glob:.4f} | {row['per_tensor']:.4f} | "
               + " | ".join(f"{by_group[g]:.4f}" for g in sorted(share))
-              + (f" | {row['bn_prior']:.2f}" if args.bn_prior else "") + " |", flush=True)
+              + (f" | {row['bn_prior']:.2f}" if args.bn_prior else "")
+              + "".join(f" | {std:.2f} / {tv:.2f}" for std, tv in row.get("colour", {}).values()) + " |", flush=True)
     return rows
 
 

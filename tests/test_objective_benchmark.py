@@ -13,6 +13,7 @@ import recons
 import train
 from simudy.errors import UserError
 from simudy.exposure import image_shares
+from simudy.reparam import COLOUR_MIX, mix_colours
 from simudy.search import change_agreement
 from simudy.simulate import graph_free_steps, sgd_config_from_training
 from simudy.target import load_training_run, loss_per_image
@@ -148,3 +149,19 @@ def test_training_summary_repeats_the_training_replayed(objective, fashion_root,
     training_run.config.pop("history")  # a folder of an older train.py: the norm alone, no KeyError
     assert objective.training_summary(training_run) == {**summary, "first_loss": None, "max_loss": None,
                                                         "final_loss": None}
+
+
+def test_colour_statistics_read_back_the_coordinates_the_images_were_made_from(objective, mlp_run):
+    """Two paths to a row's colour columns: images composed from known luminance and chroma coordinates
+    (mix_colours with COLOUR_MIX, as --decorrelate_colours makes its dummies) give back those coordinates'
+    own std and TV. Grey images are refused before any simulation."""
+    scales = torch.tensor([1.0, 0.5, 2.0])[:, None, None]
+    y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * scales
+    stats = objective.colour_statistics(mix_colours(y, COLOUR_MIX))
+    assert list(stats) == ["luminance", "chroma 1", "chroma 2"]
+    for c, (std, tv) in enumerate(stats.values()):
+        steps = (y[:, c, :, 1:] - y[:, c, :, :-1]).abs().mean() + (y[:, c, 1:, :] - y[:, c, :-1, :]).abs().mean()
+        assert (std, tv) == pytest.approx((y[:, c].std().item(), steps.item()), rel=1e-5)
+    assert stats["chroma 2"][0] > stats["luminance"][0] > stats["chroma 1"][0]  # the scales chosen above
+    with pytest.raises(UserError, match="3-channel"):
+        objective.main(objective.parse_args(["--train_dir", mlp_run.train_dir, "--sigmas", "0", "--colour"]))
