@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from simudy.flags import pick_device  # noqa: E402
 from simudy.method import cosine_distance, reconstruction_loss, simudy_optimisers, total_variation  # noqa: E402
 from simudy.scoring import paper_avg_ssim  # noqa: E402
 from simudy.simulate import sgd_config_from_training, simulate_training  # noqa: E402
@@ -45,6 +46,7 @@ def parse_args(argv=None):
                    help="cos: recons.py's 1 - cos over all parameters; layer_cos: the mean over parameter"
                         " tensors of 1 - cos (every layer counts equally, conv1 as much as layer4)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--every", type=int, default=25, help="print SSIM every this many iterations")
     return p.parse_args(argv)
 
@@ -62,10 +64,12 @@ def layer_cos_loss(run, x, labels, bs, steps, sgd, tv_weight):
 
 def main(args):
     torch.set_num_threads(args.threads)
-    run = load_training_run(args.train_dir, "cpu")
-    subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
+    device = pick_device(args.device)
+    run = load_training_run(args.train_dir, device)
+    subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"), map_location=device)
     x_true, labels = subset["images"], subset["labels"]
-    noise = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(0))
+    # drawn on the CPU, so every device starts from the same noise
+    noise = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(0)).to(device)
     kind, _, scale = args.init.partition(":")
     x0 = {"noise": lambda: noise * 0.5, "scale": lambda: noise * float(scale),
           "near": lambda: x_true + float(scale) * noise}[kind]()

@@ -256,6 +256,10 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
         return row
 
     began, restarts = time.time(), None
+    # a resumed run's own record: the seed its restarts chose, and the search and restarts that chose its start
+    # (no record: open_run says there is nothing to resume)
+    previous_config = os.path.join(run_dir, CONFIG)
+    previous = read_json(previous_config) if args.resume and os.path.isfile(previous_config) else {}
     if args.restarts > 1 and not args.resume:  # a resumed run restores its images and labels
         prepare_run_dir(run_dir, args.overwrite)  # refuse an existing folder before the slow restarts
         with tempfile.TemporaryDirectory(prefix="simudy_restarts_") as logs:
@@ -272,7 +276,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     else:
         seed = args.seed
         if args.resume and args.restarts > 1:  # the chosen start's seed (its smoothing noise)
-            seed = read_json(os.path.join(run_dir, CONFIG)).get("restarts", {}).get("chosen_seed", seed)
+            seed = previous.get("restarts", {}).get("chosen_seed", seed)
         main = start_run(seed)
         state = main.run_state()
         start = open_run(run_dir, state, args.resume, args.overwrite, device)
@@ -291,8 +295,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     if restarts:
         config["restarts"] = {"iterations": args.restart_iterations, "starts": restarts, "chosen_seed": setup.seed}
     if args.resume:  # a resumed run keeps the record of the search and the restarts that chose its start
-        config.update({k: v for k, v in read_json(os.path.join(run_dir, CONFIG)).items()
-                       if k in ("auto_search", "restarts") and k not in config})
+        config.update({k: v for k, v in previous.items() if k in ("auto_search", "restarts") and k not in config})
     write_json(os.path.join(run_dir, CONFIG), config)
     if restarts:  # a stop from here on keeps the restarts; written after config.json, which names the chosen seed
         save_resume_state(run_dir, state, args.restart_iterations - 1)

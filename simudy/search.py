@@ -8,7 +8,6 @@ import functools
 import math
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -36,14 +35,13 @@ def short_run(setup, x, labels, rec_lr, iterations, log_path=None):
     return float("nan") if row is None else row["total"]
 
 
-def best_start(start_run, iterate, seeds, iterations, log_dir, began=None):
+def best_start(start_run, iterate, seeds, iterations, log_dir, began):
     """--restarts K: the main run started from each seed (start_run(seed) -> that start, with .x, .labels and
     .log_fields) and run its first `iterations` iterations (iterate(start, i) -> log row), each start's log
     in log_dir (runs.restart_log_path). Returns the start whose loss is lowest then, to continue from
     iteration `iterations` on, its log's path, and rows of every start's seed and loss. The extra cost is
-    (K - 1) x iterations iterations: the winner's are the run's own first ones. Log seconds count from
-    `began` (a time.time() value; default: now)."""
-    began = time.time() if began is None else began  # one clock for every start's log
+    (K - 1) x iterations iterations: the winner's are the run's own first ones. Every start's log seconds
+    count from `began` (a time.time() value: when the run began, one clock for all)."""
     rows, best = [], None
     for seed in seeds:
         start = start_run(seed)
