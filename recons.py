@@ -28,7 +28,7 @@ import argparse
 import os
 
 from models import build_model
-from simudy.api import check_init_snapshot, check_reparam_flags, check_restarts, check_smoothing, reconstruct_from_args
+from simudy.api import check_init_snapshot, check_reparam_flags, check_restarts, check_prior_flags, reconstruct_from_args
 from simudy.data import NORMALISATION
 from simudy.errors import UserError
 from simudy.flags import (add_data_args, add_model_args, add_reconstruction_args, add_recons_id_args,
@@ -76,7 +76,7 @@ def check_args(args):
     if not 0 <= args.steps_epochs < args.rec_epochs:
         raise UserError(f"--steps_epochs {args.steps_epochs}: pass 0 (--steps throughout) or fewer outer epochs"
                         f" than --rec_epochs {args.rec_epochs}")
-    check_smoothing(args)
+    check_prior_flags(args)
     if args.norm_iterations < 1:
         raise UserError(f"--norm_iterations {args.norm_iterations} must be at least 1")
     check_reparam_flags(args)

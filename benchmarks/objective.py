@@ -39,6 +39,7 @@ its labels, SSIM after matching as metrics.py), so the truth and a run's end are
     python benchmarks/objective.py --train_dir benchmarks/runs/D/ckpts/model_ckpt/<run>
     python benchmarks/objective.py --train_dir <run> --sigmas 0 0.1 1 --bn_prior --snapshots <recons>/3_374.pth
     python benchmarks/objective.py --train_dir <run> --sigmas 0 --colour --snapshots <recons>/2_175.pth
+    python benchmarks/objective.py --train_dir <run> --sigmas 0 --bn_prior --pool 10 --data_root <the dataset>
     python benchmarks/objective.py --train_dir <run> --sim_epochs 8 12 20 --clips 5 8 --snapshots <recons>/3_324.pth
     python benchmarks/objective.py --train_dir <run> --sim_epochs 8 20 --swap_part 0.2 --draws 5 --snapshots ...
 """
@@ -74,6 +75,10 @@ def parse_args(argv=None):
                    help="noise draws per sigma; > 1 prints the match loss's mean, min and max over them")
     p.add_argument("--bn_prior", action="store_true",
                    help="add a column with each row's BatchNorm prior at theta0 (recons.py's --bn_prior, unweighted)")
+    p.add_argument("--pool", type=int, default=0, metavar="K",
+                   help="with --bn_prior: also print the prior of K sets of never-trained images (--data_root) in the"
+                        " training images' classes and order: a level for recons.py's --bn_prior_floor that an"
+                        " attacker can measure without the training images")
     p.add_argument("--colour", action="store_true",
                    help="add columns with each row's std / TV per decorrelated colour coordinate to the sigma table"
                         " (3-channel images)")
@@ -197,6 +202,21 @@ def true_gradient_norms(run, x, y):
     return [float(torch.sqrt(sum(u.pow(2).sum() for u in update))) / lr for *_, update in steps]
 
 
+def pool_bn_priors(run, y_true, sets, data_root):
+    """The BN prior (bn_prior_value) of `sets` image sets like the training's: set k puts in each training image's
+    place the k-th never-trained image of its class not yet used (metrics.py --null_pool's pool, in its order)."""
+    per_class = max(int((y_true == c).sum()) for c in y_true.unique())
+    plain, _, _ = class_pools(run, y_true, per_class * sets, data_root, f"pass --pool below {sets}")
+    values = []
+    for k in range(sets):
+        x = torch.empty((len(y_true), *plain[int(y_true[0])].shape[1:]))
+        for c, images in plain.items():
+            slots = (y_true == c).nonzero().flatten()
+            x[slots] = images[k * per_class:][:len(slots)].to(x)
+        values.append(bn_prior_value(run, x))
+    return values
+
+
 def swapped_rows(run, x_true, y_true, part, draws, data_root):
     """(name, images, labels) with the images whose part of the change is < part, then >= part, replaced by
     never-trained images of their class, and then the < part ones by the pool images of their class that
@@ -247,9 +267,16 @@ def main(args):
     run = load_training_run(args.train_dir, "cpu")
     subset = torch.load(os.path.join(args.train_dir, "train_subset.pth"))
     x_true, y_true = subset["images"], subset["labels"]
+    if args.pool and not args.bn_prior:
+        raise UserError("--pool prints BN priors; add --bn_prior")
     if args.colour and x_true.shape[1] != 3:
         raise UserError(f"--colour needs 3-channel images; {args.train_dir} has {x_true.shape[1]}: drop --colour")
     training_summary(run)
+    if args.pool:
+        values = torch.tensor(pool_bn_priors(run, y_true, args.pool, args.data_root))
+        print(f"BN prior of {args.pool} never-trained image sets like the training's: mean {values.mean():.2f}, std"
+              f" {values.std():.2f}, {values.min():.2f}-{values.max():.2f} (the training images: "
+              f"{bn_prior_value(run, x_true):.2f})")
     if args.sim_epochs:
         norms = true_gradient_norms(run, x_true, y_true)
         print(f"true training: {len(norms)} steps, gradient norm {min(norms):.2f}-{max(norms):.2f}")

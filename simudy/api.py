@@ -156,12 +156,18 @@ def check_restarts(args):
         raise UserError("--grid_search's short run starts from one seed; drop --restarts for it")
 
 
-def check_smoothing(args):
-    """--smooth_sigma/--smooth_until values that cannot work (recons.py checks them before reading a file, the
-    API here too)."""
+def check_prior_flags(args):
+    """--smooth_sigma/--smooth_until's and --bn_prior/--bn_prior_until/--bn_prior_floor's values that cannot work
+    (recons.py checks them before reading a file, the API here too)."""
     if args.smooth_sigma < 0 or not 0 < args.smooth_until <= 1:
         raise UserError(f"--smooth_sigma {args.smooth_sigma} --smooth_until {args.smooth_until}: pass a noise std"
                         f" >= 0 and a share of the run in (0, 1]")
+    if args.bn_prior < 0 or not 0 <= args.bn_prior_until <= 1 or args.bn_prior_floor < 0:
+        raise UserError(f"--bn_prior {args.bn_prior} --bn_prior_until {args.bn_prior_until} --bn_prior_floor"
+                        f" {args.bn_prior_floor}: pass a weight >= 0, a share of the run in [0, 1] and a level >= 0")
+    if args.bn_prior_floor and not args.bn_prior:
+        raise UserError(f"--bn_prior_floor {args.bn_prior_floor} is a level for the BN prior, which is off; pass"
+                        f" --bn_prior W (--preset resnet: 1e-3)")
 
 
 def check_reparam_flags(args, image_shape=None):
@@ -217,7 +223,7 @@ def reconstruct_from_args(run, args, device, run_dir, rlr, rbs, train_dir=None, 
     check_reparam_flags(args, data["image_shape"])
     check_init_snapshot(args)
     check_restarts(args)
-    check_smoothing(args)
+    check_prior_flags(args)
     if args.method != "simudy":
         x, labels, _ = reconstruct_baseline(args, run, train_dir, run_dir, num_dummy, args.rec_lr, device)
         return Reconstruction(x.cpu(), labels.cpu(), None, float("nan"), run_dir)

@@ -305,6 +305,10 @@ def add_reconstruction_args(p):
     g.add_argument("--bn_prior_until", default=1.0, type=float,
                    help="share of the iterations with the BN prior on (then off, so the true images are the"
                         " optimum again)")
+    g.add_argument("--bn_prior_floor", default=0.0, type=float, metavar="L",
+                   help="the BN prior pulls only while above L (summed over the batches of --rbs): the level a"
+                        " batch of real images has, so the dummies are not pulled past it (benchmarks/objective.py"
+                        " --bn_prior --pool prints it for images never trained on; 0: always pulls)")
     g.add_argument("--box", action="store_true",
                    help="keep every pixel inside the range that [0, 1] images take after normalisation")
     g.add_argument("--signed_grad", action="store_true",

@@ -89,10 +89,12 @@ class BatchNormPrior:
     `recording()` arms forward hooks for one forward pass through the model (each layer records once, then
     its hook removes itself), so the simulation's own first step (batch 0 at theta0) is measured without
     a second forward; `at_theta0` runs the forward for the other batches. `value` is the last total, unweighted.
+    `floor`: the level below which it stops pulling (`penalty`); real images' own batches sit well above 0.
     """
 
-    def __init__(self, model, buffers):
+    def __init__(self, model, buffers, floor=0.0):
         self.model = model
+        self.floor = floor
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.running = {n: (buffers[f"{n}.running_mean"].detach().clone(), buffers[f"{n}.running_var"].detach().clone())
                         for n, _ in self.layers}  # copies: train-mode BN updates the buffers in place
@@ -130,6 +132,11 @@ class BatchNormPrior:
             total = total + sum(terms)
         return total
 
+    def penalty(self, prior):
+        """What the loss adds for a prior value: the part above `floor` (below it, no pull: session 34 saw the
+        warm start pull B30's dummies to half the level of the training images' own batch)."""
+        return (prior - self.floor).clamp(min=0)
+
 
 def reconstruction_loss(model, theta0, buffers, x, labels, weight_change, rbs, epochs, sgd, tv_weight,
                         loss_type, bn_prior=None, bn_weight=0.0):
@@ -146,7 +153,7 @@ def reconstruction_loss(model, theta0, buffers, x, labels, weight_change, rbs, e
     if bn_weight:
         prior = sum(first_step) + bn_prior.at_theta0(theta0, buffers, [xb for xb, _ in batches[1:]], sgd)
         bn_prior.value = float(prior.detach())
-        total = total + bn_weight * prior
+        total = total + bn_weight * bn_prior.penalty(prior)
     return total, match, tv
 
 
@@ -172,10 +179,11 @@ def reconstruction_loss_and_grad(model, theta0, buffers, x, labels, weight_chang
     total = match + tv_weight * tv.detach()
     if bn_weight:
         prior = bn_prior.at_theta0(theta0, buffers, [xb for xb, _ in batches], sgd)
-        (prior_grad,) = torch.autograd.grad(prior, [x_leaf])
+        penalty = bn_prior.penalty(prior)
+        (prior_grad,) = torch.autograd.grad(penalty, [x_leaf])
         grad_x = grad_x + bn_weight * prior_grad
         bn_prior.value = float(prior.detach())
-        total = total + bn_weight * bn_prior.value
+        total = total + bn_weight * float(penalty.detach())
     return total, match, tv.detach(), grad_x
 
 
@@ -255,7 +263,7 @@ def simudy_setup(run, rlr, rbs, args, x, labels):
                                             most_epochs, sgd)
     bn_prior = None
     if args.bn_prior:
-        bn_prior = BatchNormPrior(run.model, run.buffers)
+        bn_prior = BatchNormPrior(run.model, run.buffers, args.bn_prior_floor)
         if not bn_prior.layers:
             raise UserError("--bn_prior needs a model with BatchNorm layers (a ResNet); drop it for this model")
     total = main_run_iterations(args)

@@ -139,9 +139,8 @@ def test_ranking_puts_matched_dummies_first_when_n_is_known(fashion_root, in_tmp
     assert sum(int(j) in matched for j in snap["ranking"][:10]) >= 7
 
 
-def test_bn_prior_two_reverse_passes_agree_and_match_a_direct_computation():
-    """The BN prior taken from the simulation's first step (unrolled) and from its own forward (recompute)
-    give the same loss and image gradient; its value equals DeepInversion's formula computed directly."""
+def _tiny_resnet_problem():
+    """A tiny ResNet whose running statistics are not the defaults, dummies, labels, a change and an SGD."""
     torch.manual_seed(0)
     model = build_model("resnet18", 10, (3, 8, 8), 4)
     with torch.no_grad():  # running statistics that are not the defaults
@@ -153,6 +152,13 @@ def test_bn_prior_two_reverse_passes_agree_and_match_a_direct_computation():
     labels = torch.arange(6) % 10
     change = torch.randn(sum(p.numel() for p in theta0.values()))
     sgd = SGDConfig(lr=0.05)
+    return model, theta0, buffers, x, labels, change, sgd
+
+
+def test_bn_prior_two_reverse_passes_agree_and_match_a_direct_computation():
+    """The BN prior taken from the simulation's first step (unrolled) and from its own forward (recompute)
+    give the same loss and image gradient; its value equals DeepInversion's formula computed directly."""
+    model, theta0, buffers, x, labels, change, sgd = _tiny_resnet_problem()
     prior = BatchNormPrior(model, buffers)
     out = {}
     for backprop in ("unrolled", "recompute"):
@@ -181,6 +187,29 @@ def test_bn_prior_two_reverse_passes_agree_and_match_a_direct_computation():
                                          "unrolled")
     assert abs(float(out["unrolled"][0] - plain[0]) - 0.5 * float(direct)) < 1e-3
 
+
+
+def test_bn_prior_floor_shifts_the_loss_above_it_and_stops_the_pull_below_it():
+    """--bn_prior_floor: above the floor the loss is the plain prior's less weight x floor, with the same image
+    gradient; at a floor above the prior's value, loss and gradient are those without a prior; by both reverse
+    passes."""
+    model, theta0, buffers, x, labels, change, sgd = _tiny_resnet_problem()
+    for backprop in ("unrolled", "recompute"):
+        def loss(floor=None):
+            prior = None if floor is None else BatchNormPrior(model, buffers, floor)
+            out = reconstruction_loss_and_grad(model, theta0, buffers, x, labels, change, 3, 2, sgd, 1e-3, "cos",
+                                               backprop, 1, prior, 0.0 if floor is None else 0.5)
+            return out, None if prior is None else prior.value
+        (no_floor, _, _, grad_no_floor), value = loss(0.0)
+        (plain, _, _, grad_plain), _ = loss(None)
+        (low, _, _, grad_low), value_low = loss(value / 2)
+        (high, _, _, grad_high), value_high = loss(value * 2)
+        assert value_low == pytest.approx(value) and value_high == pytest.approx(value)  # the log's raw value
+        assert float(low) == pytest.approx(float(no_floor) - 0.5 * value / 2, rel=1e-5)
+        assert torch.allclose(grad_low, grad_no_floor, rtol=1e-5, atol=1e-8)
+        assert float(high) == pytest.approx(float(plain), rel=1e-6)
+        assert torch.allclose(grad_high, grad_plain, rtol=1e-5, atol=1e-8)
+        assert not torch.allclose(grad_no_floor, grad_plain, rtol=1e-3)  # the prior does pull without a floor
 
 def test_step_and_warmup_schedules():
     assert [lr_factor(i, 80, "step", 0) for i in (0, 29, 30, 49, 50, 69, 70, 79)] == \

@@ -165,3 +165,23 @@ def test_colour_statistics_read_back_the_coordinates_the_images_were_made_from(o
     assert stats["chroma 2"][0] > stats["luminance"][0] > stats["chroma 1"][0]  # the scales chosen above
     with pytest.raises(UserError, match="3-channel"):
         objective.main(objective.parse_args(["--train_dir", mlp_run.train_dir, "--sigmas", "0", "--colour"]))
+
+
+def test_pool_priors_are_the_prior_of_the_swapped_rows_that_replace_every_image(objective, fashion_root, in_tmp_cwd):
+    """--pool K (a level for recons.py's --bn_prior_floor): set k's BN prior equals that of --swap_part's row
+    with every image swapped for draw k of its class's never-trained pool (two paths to the same images); the
+    sets differ from each other and from the truth; --pool without --bn_prior is refused."""
+    # width 8: at width 4 this pretraining's backward corrupts the heap inside oneDNN on an AVX2 CPU (test_train.py)
+    flags = ["--dataset", "fashion_mnist", "--data_root", fashion_root, "--model_name", "resnet18", "--width", 8,
+             "--num_imgs_per_class", 1, "--bs", 5]
+    train_dir = run(train, flags + ["--lr", 0.05, "--epochs", 2, "--pretrain_imgs", 2, "--pretrain_epochs", 1])
+    training = load_training_run(train_dir, "cpu")
+    subset = torch.load(os.path.join(train_dir, "train_subset.pth"))
+    x_true, y_true = subset["images"], subset["labels"]
+    values = objective.pool_bn_priors(training, y_true, 2, fashion_root)
+    every = objective.swapped_rows(training, x_true, y_true, 0.0, 2, fashion_root)  # part >= 0: all swapped
+    assert values == pytest.approx([objective.bn_prior_value(training, every[2 + k][1]) for k in range(2)], rel=1e-6)
+    truth = objective.bn_prior_value(training, x_true)
+    assert len({round(v, 4) for v in values + [truth]}) == 3
+    with pytest.raises(UserError, match="add --bn_prior"):
+        objective.main(objective.parse_args(["--train_dir", train_dir, "--pool", "2", "--data_root", str(fashion_root)]))

@@ -63,7 +63,9 @@ def test_bad_training_runs_give_one_line_errors(mlp_run):
                                           (["--chroma_tv", -1], "pass a weight >= 0"),
                                           (["--chroma_tv", 0.1, "--method", "one_step"], "for SimuDy only"),
                                           (["--smooth_sigma", -0.1], "a noise std >= 0"),
-                                          (["--smooth_sigma", 0.3, "--smooth_until", 0], "a share of the run in")])
+                                          (["--smooth_sigma", 0.3, "--smooth_until", 0], "a share of the run in"),
+                                          (["--bn_prior", 1e-3, "--bn_prior_floor", -1], "a level >= 0"),
+                                          (["--bn_prior_floor", 20], "pass --bn_prior W")])
 def test_auto_conflicts_are_one_line_errors(extra, needle):
     with pytest.raises(UserError, match=needle) as e:  # before any file is read
         run(recons, ["--model_name", "mlp"] + extra)
