@@ -202,19 +202,26 @@ def true_gradient_norms(run, x, y):
     return [float(torch.sqrt(sum(u.pow(2).sum() for u in update))) / lr for *_, update in steps]
 
 
-def pool_bn_priors(run, y_true, sets, data_root):
+def images_per_class(y_true):
+    return max(int((y_true == c).sum()) for c in y_true.unique())
+
+
+def with_pool_images(x_true, y_true, mask, spares, k):
+    """x_true with the images in `mask` replaced by draw k of their class's spares (the k-th chunk of
+    images_per_class of them)."""
+    per_class, x = images_per_class(y_true), x_true.clone()
+    for c, images in spares.items():
+        slots = ((y_true == c) & mask).nonzero().flatten()
+        x[slots] = images[k * per_class:][:len(slots)].to(x)
+    return x
+
+
+def pool_bn_priors(run, x_true, y_true, sets, data_root):
     """The BN prior (bn_prior_value) of `sets` image sets like the training's: set k puts in each training image's
     place the k-th never-trained image of its class not yet used (metrics.py --null_pool's pool, in its order)."""
-    per_class = max(int((y_true == c).sum()) for c in y_true.unique())
-    plain, _, _ = class_pools(run, y_true, per_class * sets, data_root, f"pass --pool below {sets}")
-    values = []
-    for k in range(sets):
-        x = torch.empty((len(y_true), *plain[int(y_true[0])].shape[1:]))
-        for c, images in plain.items():
-            slots = (y_true == c).nonzero().flatten()
-            x[slots] = images[k * per_class:][:len(slots)].to(x)
-        values.append(bn_prior_value(run, x))
-    return values
+    plain, _, _ = class_pools(run, y_true, images_per_class(y_true) * sets, data_root, f"pass --pool below {sets}")
+    every = torch.ones_like(y_true, dtype=torch.bool)
+    return [bn_prior_value(run, with_pool_images(x_true, y_true, every, plain, k)) for k in range(sets)]
 
 
 def swapped_rows(run, x_true, y_true, part, draws, data_root):
@@ -225,7 +232,7 @@ def swapped_rows(run, x_true, y_true, part, draws, data_root):
     chunk of each class's pool (in the pool's order, or by loss for the fitted kind)."""
     shares, _ = image_shares(run, x_true, y_true)
     small = shares < part
-    per_class = max(int((y_true == c).sum()) for c in y_true.unique())
+    per_class = images_per_class(y_true)
     plain, by_loss, pool_loss = class_pools(run, y_true, per_class * draws, data_root,
                                           f"pass --draws below {draws}")
     fitted_loss = torch.cat([losses[:per_class * draws] for losses in pool_loss.values()])
@@ -237,11 +244,7 @@ def swapped_rows(run, x_true, y_true, part, draws, data_root):
     for which, mask, spares in [(f"part < {part:g} swapped", small, plain), (f"part >= {part:g} swapped", ~small, plain),
                                 (f"part < {part:g} swapped for fitted", small, by_loss)]:
         for k in range(draws):
-            x = x_true.clone()
-            for c, images in spares.items():
-                slots = ((y_true == c) & mask).nonzero().flatten()
-                x[slots] = images[k * per_class:][:len(slots)].to(x)
-            rows.append((f"{which}, draw {k}", x, y_true))
+            rows.append((f"{which}, draw {k}", with_pool_images(x_true, y_true, mask, spares, k), y_true))
     return rows
 
 
@@ -273,7 +276,7 @@ def main(args):
         raise UserError(f"--colour needs 3-channel images; {args.train_dir} has {x_true.shape[1]}: drop --colour")
     training_summary(run)
     if args.pool:
-        values = torch.tensor(pool_bn_priors(run, y_true, args.pool, args.data_root))
+        values = torch.tensor(pool_bn_priors(run, x_true, y_true, args.pool, args.data_root))
         print(f"BN prior of {args.pool} never-trained image sets like the training's: mean {values.mean():.2f}, std"
               f" {values.std():.2f}, {values.min():.2f}-{values.max():.2f} (the training images: "
               f"{bn_prior_value(run, x_true):.2f})")

@@ -178,7 +178,7 @@ def test_pool_priors_are_the_prior_of_the_swapped_rows_that_replace_every_image(
     training = load_training_run(train_dir, "cpu")
     subset = torch.load(os.path.join(train_dir, "train_subset.pth"))
     x_true, y_true = subset["images"], subset["labels"]
-    values = objective.pool_bn_priors(training, y_true, 2, fashion_root)
+    values = objective.pool_bn_priors(training, x_true, y_true, 2, fashion_root)
     every = objective.swapped_rows(training, x_true, y_true, 0.0, 2, fashion_root)  # part >= 0: all swapped
     assert values == pytest.approx([objective.bn_prior_value(training, every[2 + k][1]) for k in range(2)], rel=1e-6)
     truth = objective.bn_prior_value(training, x_true)
